@@ -1,0 +1,110 @@
+"""
+The losses of alpha-Rényi ensemble post-training, side by side.
+
+Every loss here sees the per-member, per-example log-likelihood `logp` of shape
+(M, B): M ensemble members (LoRA adapters), B examples. For SFT that is the
+summed log-probability of the response tokens (`sequence_logprobs`); for DPO it
+is the Bradley-Terry log-likelihood of the preference. Nothing below knows
+which one it gets. See METHOD.md §1-2 and §5-6 for the equations.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def sequence_logprobs(logits, labels, length_normalize=False):
+    """Summed log p(response | prompt) per member and example.
+
+        log p_m(x) = sum_t log p(y_t | x, y_<t, theta_m)   over tokens whose label != -100
+
+    logits: (M, B, T, V) or (B, T, V); labels: (B, T), aligned with the input
+    tokens (position t holds token t); the shift happens here: logits at t
+    predict labels at t+1. Returns (M, B) (or (B,) without a member axis), in
+    float32 whatever the dtype of logits.
+    """
+    logits = logits[..., :-1, :].float()                       # (..., B, T-1, V)
+    targets = labels[..., 1:]                                  # (B, T-1)
+    mask = targets != -100
+    safe_targets = targets.masked_fill(~mask, 0).expand(logits.shape[:-1])
+    token_logp = torch.gather(logits.log_softmax(-1), -1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    summed = (token_logp * mask).sum(-1)                       # (..., B)
+    if length_normalize:
+        summed = summed / mask.sum(-1).clamp(min=1)
+    return summed
+
+
+def vb_loss(logp):
+    """The variational-Bayes / deep-ensemble end, alpha -> 0.
+
+        loss = -(1/B) sum_i (1/M) sum_m log p_m(x_i)
+
+    logp: (M, B) -> scalar. Every member fits every example.
+    """
+    return -logp.mean()
+
+
+def predictive_loss(logp):
+    """The predictive-mixture end, alpha = 1.
+
+        loss = -(1/B) sum_i log (1/M) sum_m p_m(x_i)
+
+    logp: (M, B) -> scalar. The negative log-likelihood of the mixture.
+    """
+    n_members = logp.shape[0]
+    return -(torch.logsumexp(logp, dim=0) - math.log(n_members)).mean()
+
+
+def renyi_loss(logp, alpha):
+    """The alpha-Rényi ensemble loss (METHOD.md §2).
+
+        l_alpha(x) = (1/alpha) * ( logsumexp_m(alpha * log p_m(x)) - log M )
+        loss       = -(1/B) sum_i l_alpha(x_i)
+
+    logp: (M, B) -> scalar. alpha = 0 is `vb_loss` exactly, alpha = 1 is
+    `predictive_loss`, alpha -> inf is winner-takes-all. This is Li & Turner's
+    (2016) variational Rényi bound per example with their order
+    alpha_LT = 1 - alpha and no entropy term (point-mass members have none).
+
+    Written as the mean plus a centred logsumexp so it is exact at alpha = 0,
+    O(alpha) close to it, and stable for log-likelihoods of -1e4 and below:
+        l_alpha = mean_m logp + (1/alpha) * log mean_m exp(alpha * (logp - mean_m logp))
+    """
+    alpha = _check_alpha(alpha)
+    mean_logp = logp.mean(dim=0)                                # (B,)
+    if alpha == 0:
+        return -mean_logp.mean()
+    centred = alpha * (logp - mean_logp)                       # (M, B)
+    spread = (torch.logsumexp(centred, dim=0) - math.log(logp.shape[0])) / alpha
+    return -(mean_logp + spread).mean()
+
+
+def responsibilities(logp, alpha):
+    """Soft routing weights w_m(x) = softmax_m(alpha * log p_m(x)).
+
+    logp: (M, B) -> (M, B), each column sums to one. The gradient of
+    l_alpha(x) w.r.t. member m is w_m(x) times member m's own gradient, so these
+    weights say which members each example trains. alpha = 0 routes uniformly.
+    """
+    alpha = _check_alpha(alpha)
+    return torch.softmax(alpha * logp, dim=0)
+
+
+def prior_penalty(lora_params, n_train, n_members, sigma_p=1.0, weight=1.0):
+    """Gaussian prior N(0, sigma_p^2 I) on the LoRA parameters, per example.
+
+        prior_term = (weight / (N * M)) * sum_m ||theta_m||^2 / (2 sigma_p^2)
+
+    lora_params: tensors holding all members' adapters (their squared norms
+    summed over everything is sum_m ||theta_m||^2). weight = 1 is the exact
+    Bayesian weight for a training set of n_train examples.
+    """
+    squared_norm = sum(p.pow(2).sum() for p in lora_params)
+    return weight * squared_norm / (2 * sigma_p ** 2 * n_train * n_members)
+
+
+def _check_alpha(alpha):
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+    return alpha
