@@ -1,0 +1,231 @@
+"""
+A small GPT in the manner of nanoGPT, with a member axis for LoRA ensembles.
+
+Module names copy Hugging Face's GPT-2 (transformer.wte, transformer.h.0.attn.c_attn,
+mlp.c_fc, ln_f, lm_head), so a GPT-2 checkpoint loads key by key.
+
+The member axis. Without adapters the model is a plain GPT: idx (B, T) -> logits
+(B, T, V). After lora.add_lora(model, n_members=M, ...) every call computes all M
+members in one pass: idx (B, T) -> logits (M, B, T, V). Activations then carry a
+leading member axis, (M, B, T, C). Blocks below the first adapted block are frozen
+and identical for every member, so they run once on (B, T, C) and their output is
+broadcast to the M members (the shared frozen trunk). During generation members'
+continuations differ, so idx may also be (M, B, T).
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 128
+    vocab_size: int = 1024
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        *lead, T, C = x.shape                                   # lead = (B,) or (M, B)
+        q, k, v = self.c_attn(x).split(C, dim=-1)               # each (*lead, T, C)
+        # fold the member and batch axes together: attention never mixes them
+        q, k, v = (t.reshape(-1, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (N, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(*lead, T, C)              # (*lead, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate='tanh')))  # GPT-2's GELU
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.n_members = 0        # set by lora.add_lora; 0 means no ensemble
+        self.share_trunk = True   # run frozen blocks below the first adapter once
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight'):  # GPT-2's scaled init of residual projections
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+
+    def trunk_depth(self):
+        """Number of leading blocks that carry no adapter (shared by all members)."""
+        if not self.share_trunk:
+            return 0
+        for i, block in enumerate(self.transformer.h):
+            if any(hasattr(mod, 'lora_A') for mod in block.modules()):
+                return i
+        return len(self.transformer.h)
+
+    def forward(self, idx):
+        """idx (B, T) or, with an ensemble, (M, B, T) -> logits (B, T, V) or (M, B, T, V)."""
+        T = idx.shape[-1]
+        assert T <= self.config.block_size, f"sequence of {T} tokens, block_size is {self.config.block_size}"
+        if idx.dim() == 3 and idx.shape[0] != self.n_members:
+            raise ValueError(f"idx has {idx.shape[0]} members on its first axis, the model has {self.n_members}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C) or (M, B, T, C)
+        trunk = self.trunk_depth() if idx.dim() == 2 else 0
+        for block in self.transformer.h[:trunk]:
+            x = block(x)                                        # (B, T, C): once for all members
+        if self.n_members and x.dim() == 3:
+            x = x.expand(self.n_members, *x.shape)              # (M, B, T, C), a view, no copy
+        for block in self.transformer.h[trunk:]:
+            x = block(x)
+        return self.lm_head(self.transformer.ln_f(x))           # (..., T, V)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, generator=None):
+        """Continue idx (B, T) by max_new_tokens tokens.
+
+        temperature=0 decodes greedily; otherwise samples from softmax(logits /
+        temperature), restricted to the top_k tokens when top_k is set. With an
+        ensemble, all M members decode together in one batched pass and the result
+        is (M, B, T + new): M continuations per prompt; without, (B, T + new).
+        Once a sequence emits stop_token it keeps emitting it, and decoding ends
+        early when every sequence has stopped.
+        """
+        finished = None
+        for _ in range(max_new_tokens):
+            logits = self(idx[..., -self.config.block_size:])[..., -1, :]  # (..., B, V)
+            if temperature == 0:
+                next_token = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+                    logits = logits.masked_fill(logits < kth, float('-inf'))
+                probs = F.softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
+                next_token = torch.multinomial(probs, 1, generator=generator).view(*logits.shape[:-1], 1)
+            if idx.dim() < next_token.dim():
+                idx = idx.expand(self.n_members, *idx.shape)    # (M, B, T): members now diverge
+            if stop_token is not None:
+                finished = torch.zeros_like(next_token, dtype=torch.bool) if finished is None else finished
+                next_token = next_token.masked_fill(finished, stop_token)
+                finished = finished | (next_token == stop_token)
+            idx = torch.cat([idx, next_token], dim=-1)
+            if finished is not None and finished.all():
+                break
+        return idx
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """Load a local GPT-2 checkpoint in the Hugging Face layout; nothing is downloaded.
+
+        path: a directory with config.json and pytorch_model.bin or
+        model.safetensors. Conv1D weights, stored (in, out), are transposed into
+        nn.Linear's (out, in); the attn.bias / attn.masked_bias buffers are skipped.
+        """
+        config_file = os.path.join(path, 'config.json')
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{config_file} not found: expected a Hugging Face GPT-2 directory")
+        with open(config_file) as f:
+            hf = json.load(f)
+        config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
+                           n_head=hf['n_head'], n_embd=hf['n_embd'], dropout=0.0, bias=True)
+        model = cls(config)
+        model.load_state_dict(_hf_to_state_dict(_read_hf_weights(path), model.state_dict()))
+        return model
+
+
+def _read_hf_weights(path):
+    """The raw tensors of pytorch_model.bin or model.safetensors in directory path."""
+    bin_file = os.path.join(path, 'pytorch_model.bin')
+    st_file = os.path.join(path, 'model.safetensors')
+    if os.path.isfile(bin_file):
+        return torch.load(bin_file, map_location='cpu', weights_only=True)
+    if os.path.isfile(st_file):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{st_file} needs the safetensors package: pip install safetensors") from None
+        return load_file(st_file)
+    raise FileNotFoundError(f"neither pytorch_model.bin nor model.safetensors in {path}")
+
+
+def _hf_to_state_dict(hf_state, own_state):
+    """Map Hugging Face GPT-2 tensors onto our state dict, by name.
+
+    HF files name keys 'h.0.attn.c_attn.weight' (GPT2Model) or
+    'transformer.h.0...' (GPT2LMHeadModel); both are accepted.
+    """
+    hf_state = {k.removeprefix('transformer.'): v for k, v in hf_state.items()
+                if not k.endswith(('.attn.bias', '.attn.masked_bias')) and k != 'lm_head.weight'}
+    conv1d = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+    state = {}
+    for key, own in own_state.items():
+        if key == 'lm_head.weight':
+            continue  # tied to transformer.wte.weight
+        hf_key = key.removeprefix('transformer.')
+        if hf_key not in hf_state:
+            raise KeyError(f"checkpoint has no tensor for {hf_key}")
+        tensor = hf_state.pop(hf_key)
+        tensor = tensor.t() if key.endswith(conv1d) else tensor
+        if tensor.shape != own.shape:
+            raise ValueError(f"{hf_key}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(own.shape)}")
+        state[key] = tensor
+    if hf_state:
+        raise KeyError(f"checkpoint tensors the model does not know: {sorted(hf_state)[:5]}")
+    state['lm_head.weight'] = state['transformer.wte.weight']
+    return state
