@@ -108,3 +108,62 @@ def _check_alpha(alpha):
     if not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
     return alpha
+
+
+# ---------------------------------------------------------------------------
+# Uncertainty read-outs and evaluation (METHOD.md §6)
+
+def predictive_entropy(probs):
+    """Total uncertainty H(p_bar), p_bar = mean_m p_m.
+
+    probs: (M, ..., V) member distributions -> (...). In nats.
+    """
+    mixture = probs.mean(dim=0)
+    return -(mixture * torch.log(mixture.clamp_min(1e-30))).sum(-1)
+
+
+def expected_entropy(probs):
+    """Aleatoric uncertainty mean_m H(p_m). probs: (M, ..., V) -> (...)."""
+    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).mean(dim=0)
+
+
+def mutual_information(probs):
+    """Epistemic uncertainty: H(p_bar) - mean_m H(p_m) >= 0, the members' disagreement.
+
+    probs: (M, ..., V) -> (...).
+    """
+    return (predictive_entropy(probs) - expected_entropy(probs)).clamp_min(0.0)
+
+
+def auroc(pos_scores, neg_scores):
+    """Area under the ROC curve by the rank (Mann-Whitney) formula, ties counted half.
+
+        AUROC = P(s_pos > s_neg) + 0.5 * P(s_pos == s_neg)
+
+    pos_scores: (P,), neg_scores: (N,) -> float in [0, 1]; 1 means every positive
+    (e.g. conflicting prompt) scores above every negative.
+    """
+    pos = torch.as_tensor(pos_scores, dtype=torch.float64).reshape(-1, 1)
+    neg = torch.as_tensor(neg_scores, dtype=torch.float64).reshape(1, -1)
+    if pos.numel() == 0 or neg.numel() == 0:
+        raise ValueError("auroc needs at least one positive and one negative score")
+    return ((pos > neg).double().mean() + 0.5 * (pos == neg).double().mean()).item()
+
+
+def ece(confidence, correct, n_bins=10):
+    """Expected calibration error with n_bins equal-width confidence bins.
+
+        ECE = sum_b (|b| / n) * |accuracy(b) - mean confidence(b)|
+
+    confidence: (n,) in [0, 1]; correct: (n,) booleans -> float. A confidence of
+    exactly 1 falls in the last bin.
+    """
+    confidence = torch.as_tensor(confidence, dtype=torch.float64)
+    correct = torch.as_tensor(correct, dtype=torch.float64)
+    bins = (confidence * n_bins).long().clamp(max=n_bins - 1)  # (n,)
+    total = 0.0
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            total += in_bin.double().mean() * (correct[in_bin].mean() - confidence[in_bin].mean()).abs()
+    return float(total)
