@@ -69,14 +69,17 @@ def renyi_loss(logp, alpha):
     Written as the mean plus a centred logsumexp so it is exact at alpha = 0,
     O(alpha) close to it, and stable for log-likelihoods of -1e4 and below:
         l_alpha = mean_m logp + (1/alpha) * log mean_m exp(alpha * (logp - mean_m logp))
+    The second term is O(alpha^2) / alpha: it is computed in float64, because in
+    float32 its rounding error, divided by a small alpha, would swamp it.
     """
     alpha = _check_alpha(alpha)
-    mean_logp = logp.mean(dim=0)                                # (B,)
     if alpha == 0:
-        return -mean_logp.mean()
-    centred = alpha * (logp - mean_logp)                       # (M, B)
+        return vb_loss(logp)
+    logp64 = logp.double()
+    mean_logp = logp64.mean(dim=0)                              # (B,)
+    centred = alpha * (logp64 - mean_logp)                     # (M, B)
     spread = (torch.logsumexp(centred, dim=0) - math.log(logp.shape[0])) / alpha
-    return -(mean_logp + spread).mean()
+    return -(mean_logp + spread).mean().to(logp.dtype)
 
 
 def responsibilities(logp, alpha):
