@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from config import parse_args
@@ -36,5 +38,5 @@ def test_value_may_contain_equals_sign():
     ("--max_iters", "expected --key=value"),
 ])
 def test_errors_name_the_key_or_value(arg, message):
-    with pytest.raises(ValueError, match=message.replace("+", r"\+").replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         parse_args(DEFAULTS, [arg])
