@@ -562,6 +562,28 @@ def load_pref_jsonl(path):
     return rows
 
 
+def split_by_prompt(rows, fraction, seed):
+    """Hold out a seeded share `fraction` of the distinct prompts: (train rows, held-out rows).
+
+    All rows of one prompt land on the same side, so a held-out prompt is never trained on.
+    """
+    prompts = sorted({row["prompt"] for row in rows})
+    random.Random(seed).shuffle(prompts)
+    held_out = set(prompts[:max(1, round(fraction * len(prompts)))]) if len(prompts) > 1 else set()
+    return [row for row in rows if row["prompt"] not in held_out], [row for row in rows if row["prompt"] in held_out]
+
+
+def mark_conflicts(rows):
+    """Set each row's "kind" from the data alone: "conflicting" when its prompt occurs with more than
+    one distinct response across `rows`, else "consistent". Modifies the rows in place and returns them."""
+    responses = {}
+    for row in rows:
+        responses.setdefault(row["prompt"], set()).add(row["response"].strip())
+    for row in rows:
+        row["kind"] = "conflicting" if len(responses[row["prompt"]]) > 1 else "consistent"
+    return rows
+
+
 # -----------------------------------------------------------------------------
 # tokens and batches
 

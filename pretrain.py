@@ -157,7 +157,7 @@ def pretrain(config):
             now = time.time()
             ms = (now - t_last) * 1000 / (done - last_logged)
             eta = (now - t_train) / done * (config['max_iters'] - done)
-            print(f"iter {done}: loss {loss.item():.4f}, {ms:.1f}ms, eta {format_seconds(eta)}")
+            print(f"iter {done}: loss {loss.item():.4f}, {ms:.1f}ms, eta {format_seconds(eta)}", flush=True)
             t_last, last_logged = now, done
 
     val_loss = estimate_loss(model, val_tokens, config)

@@ -72,7 +72,7 @@ def renyi_loss(logp, alpha):
     The second term is O(alpha^2) / alpha: it is computed in float64, because in
     float32 its rounding error, divided by a small alpha, would swamp it.
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     if alpha == 0:
         return vb_loss(logp)
     logp64 = logp.double()
@@ -89,7 +89,7 @@ def responsibilities(logp, alpha):
     l_alpha(x) w.r.t. member m is w_m(x) times member m's own gradient, so these
     weights say which members each example trains. alpha = 0 routes uniformly.
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     return torch.softmax(alpha * logp, dim=0)
 
 
@@ -106,7 +106,7 @@ def prior_penalty(lora_params, n_train, n_members, sigma_p=1.0, weight=1.0):
     return weight * squared_norm / (2 * sigma_p ** 2 * n_train * n_members)
 
 
-def _check_alpha(alpha):
+def check_alpha(alpha):
     alpha = float(alpha)
     if not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
