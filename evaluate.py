@@ -8,6 +8,8 @@ import math
 
 import torch
 
+import data
+import plots
 from renyi_lora import (auroc, ece, expected_entropy, mutual_information, predictive_entropy, responsibilities,
                         sequence_logprobs)
 
@@ -114,3 +116,119 @@ def calibration(scores, n_bins=10):
     return dict(nll=-scores['token_true_prob'].clamp_min(1e-30).log().mean().item(),
                 ece=ece(confidence, correct, n_bins),
                 brier=((confidence.double() - correct) ** 2).mean().item())
+
+
+def held_out_batches(model, tokenizer, rows, batch_size, device):
+    """(idx, labels) batches over rows in order, on device."""
+    encoded = data.encode_sft(rows, tokenizer, model.config.block_size, truncate=True)
+    for start in range(0, len(encoded), batch_size):
+        idx, labels = data.sft_batch(encoded, range(start, min(start + batch_size, len(encoded))), tokenizer.eot_token)
+        yield idx.to(device), labels.to(device)
+
+
+def score_rows(model, tokenizer, rows, config):
+    """score_batches over SFT rows (dicts with prompt and response)."""
+    return score_batches(model, held_out_batches(model, tokenizer, rows, config['batch_size'], config['device']))
+
+
+def prompt_batches(tokenizer, prompts, device):
+    """Group prompts by token length so each group decodes as one (B, T) batch: yields (prompts, idx)."""
+    by_length = {}
+    for prompt in prompts:
+        ids = [tokenizer.eot_token] + tokenizer.encode_ordinary(prompt)   # the layout of data.encode_pair
+        by_length.setdefault(len(ids), []).append((prompt, ids))
+    for group in by_length.values():
+        yield [p for p, _ in group], torch.tensor([ids for _, ids in group], device=device)
+
+
+def decode_response(tokenizer, ids, stop_token):
+    """Text of generated ids up to (not including) the first stop token."""
+    ids = list(ids)
+    return tokenizer.decode(ids[:ids.index(stop_token)] if stop_token in ids else ids)
+
+
+def greedy_accuracy(model, tokenizer, rows, config):
+    """Share of prompts whose greedy mixture response is acceptable (data.is_correct)."""
+    first_row = {}
+    for row in rows:
+        first_row.setdefault(row['prompt'], row)
+    correct = []
+    for prompts, idx in prompt_batches(tokenizer, list(first_row), config['device']):
+        out = greedy_decode(model, idx, config['max_new_tokens'], tokenizer.eot_token)   # (B, T + new)
+        for prompt, ids in zip(prompts, out[:, idx.shape[1]:].tolist()):
+            correct.append(data.is_correct(first_row[prompt], decode_response(tokenizer, ids, tokenizer.eot_token)))
+    return sum(correct) / len(correct) if correct else None
+
+
+def coherence(model, tokenizer, rows, config, max_prompts=40):
+    """Share of sampled member responses (temperature 1) that follow one persona in every field.
+
+    rows: conflicting benchmark rows; each prompt is sampled n_samples times by every member.
+    """
+    prompts = sorted({row['prompt'] for row in rows})[:max_prompts]
+    task_of = {row['prompt']: row['task'] for row in rows}
+    generator = torch.Generator(device=config['device']).manual_seed(config['seed'])
+    verdicts = []
+    for batch_prompts, idx in prompt_batches(tokenizer, prompts, config['device']):
+        repeated = idx.repeat_interleave(config['n_samples'], dim=0)                # (B * S, T)
+        out = model.generate(repeated, config['max_new_tokens'], temperature=1.0,
+                             stop_token=tokenizer.eot_token, generator=generator)   # (M, B * S, T + new)
+        out = out.reshape(-1, out.shape[-2], out.shape[-1])                          # (M or 1, B * S, T + new)
+        for member_out in out:
+            for j, ids in enumerate(member_out[:, idx.shape[1]:].tolist()):
+                prompt = batch_prompts[j // config['n_samples']]
+                text = decode_response(tokenizer, ids, tokenizer.eot_token)
+                verdicts.append(data.persona_of(task_of[prompt], text) is not None)
+    return sum(verdicts) / len(verdicts) if verdicts else None
+
+
+def epistemic_per_token(scores):
+    """Each example's epistemic uncertainty per response token, (N,): the score every AUROC here ranks by.
+
+    Dividing the summed mutual information by the length keeps long responses
+    (the two-field cards) from looking uncertain merely for being long.
+    """
+    return scores['epistemic'] / scores['n_tokens'].clamp(min=1)
+
+
+def per_prompt_mean(scores, rows):
+    """Average a per-row score over rows that share a prompt: {prompt: mean score}."""
+    sums = {}
+    for score, row in zip(scores.tolist(), rows):
+        total, count = sums.get(row['prompt'], (0.0, 0))
+        sums[row['prompt']] = (total + score, count + 1)
+    return {prompt: total / count for prompt, (total, count) in sums.items()}
+
+
+def sft_report(model, tokenizer, test_rows, ood_rows, config, history):
+    """The SFT report (METHOD.md §6), printed, plotted and returned as a dict; null where the data can't tell."""
+    model.eval()
+    scores = score_rows(model, tokenizer, test_rows, config)
+    kinds = [row.get('kind', 'consistent') for row in test_rows]
+    epistemic = per_prompt_mean(epistemic_per_token(scores), test_rows)
+    kind_of = {row['prompt']: row.get('kind', 'consistent') for row in test_rows}
+    by_kind = {kind: [epistemic[p] for p in epistemic if kind_of[p] == kind] for kind in sorted(set(kinds))}
+    conflicting = [i for i, kind in enumerate(kinds) if kind == 'conflicting' and test_rows[i].get('group')]
+    groups = [test_rows[i]['group'] for i in conflicting]
+    members = scores['logp'][:, conflicting].argmax(0).tolist()      # argmax responsibility, for any alpha > 0
+    report = dict(alpha=config['alpha'], n_members=config['n_members'],
+                  specialisation=specialisation(members, groups),
+                  routing=routing_matrix(scores['logp'][:, conflicting], config['alpha'], groups) if groups else None,
+                  auroc_conflict=safe_auroc(by_kind.get('conflicting', []), by_kind.get('consistent', [])),
+                  auroc_ood=None, auroc_ood_vs_consistent=None, accuracy_consistent=None, accuracy_high_entropy=None, coherence=None)
+    if ood_rows:
+        ood_scores = score_rows(model, tokenizer, ood_rows, config)
+        by_kind['ood'] = list(per_prompt_mean(epistemic_per_token(ood_scores), ood_rows).values())
+        report['auroc_ood'] = safe_auroc(by_kind['ood'], list(epistemic.values()))
+        report['auroc_ood_vs_consistent'] = safe_auroc(by_kind['ood'], by_kind.get('consistent', []))
+    for kind in ('consistent', 'high_entropy'):
+        rows = [row for row in test_rows if row.get('kind', 'consistent') == kind]
+        report[f'accuracy_{kind}'] = greedy_accuracy(model, tokenizer, rows, config) if rows else None
+    conflict_rows = [row for row in test_rows if row.get('kind') == 'conflicting' and row.get('task') in data.CARD_FIELDS]
+    if conflict_rows:
+        report['coherence'] = coherence(model, tokenizer, conflict_rows, config)
+    report |= calibration(scores)
+    report['epistemic_by_kind'] = {kind: sum(v) / len(v) for kind, v in by_kind.items() if v}
+    plots.sft_plots(config['out_dir'], history, report, by_kind, scores)
+    model.train()
+    return report

@@ -1,0 +1,77 @@
+"""
+The report's figures, as PNG files. matplotlib with the Agg backend: no display needed.
+"""
+import os
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
+import torch  # noqa: E402
+
+
+def loss_curves(ax, history):
+    ax.plot(history['iter'], history['loss'], lw=0.8, label='train loss (nats / example)')
+    ax.set_xlabel('iter')
+    ax.set_ylabel('train loss')
+    if history['val_iter']:
+        twin = ax.twinx()
+        twin.plot(history['val_iter'], history['val_nll'], 'o-', color='C1', label='val NLL / token')
+        twin.set_ylabel('val NLL / token')
+    ax.set_title('loss')
+
+
+def routing_heatmap(ax, routing):
+    """routing: {group: [mean responsibility of member 0, 1, ...]}"""
+    groups = list(routing)
+    matrix = torch.tensor([routing[g] for g in groups]).T                       # (M, groups)
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap='viridis')
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_yticks(range(matrix.shape[0]), [f'member {m}' for m in range(matrix.shape[0])])
+    for (m, g), value in zip(torch.cartesian_prod(torch.arange(matrix.shape[0]), torch.arange(len(groups))).tolist(),
+                             matrix.flatten().tolist()):
+        ax.text(g, m, f'{value:.2f}', ha='center', va='center', color='w' if value < 0.5 else 'k')
+    ax.set_title('routing: mean responsibility')
+    plt.colorbar(image, ax=ax)
+
+
+def uncertainty_histograms(ax, scores_by_kind):
+    """scores_by_kind: {kind: [epistemic score per prompt]}"""
+    top = max((max(v) for v in scores_by_kind.values() if v), default=1.0)
+    for kind, values in scores_by_kind.items():
+        ax.hist(values, bins=30, range=(0, top), alpha=0.5, label=kind)
+    ax.set_xlabel('epistemic uncertainty (mutual information, nats per response token)')
+    ax.set_ylabel('prompts')
+    ax.legend()
+    ax.set_title('uncertainty by task kind')
+
+
+def reliability_diagram(ax, confidence, correct, n_bins=10, label=None):
+    """Accuracy against mean confidence in n_bins equal-width bins."""
+    bins = (confidence * n_bins).long().clamp(max=n_bins - 1)
+    centres, accuracies = [], []
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            centres.append(confidence[in_bin].mean().item())
+            accuracies.append(correct[in_bin].float().mean().item())
+    ax.plot([0, 1], [0, 1], 'k:', lw=0.8)
+    ax.plot(centres, accuracies, 'o-', label=label)
+    ax.set_xlabel('confidence (mixture, per token)')
+    ax.set_ylabel('accuracy')
+    ax.set_title('reliability')
+
+
+def sft_plots(out_dir, history, report, scores_by_kind, scores):
+    """Write loss.png, routing.png, uncertainty.png and reliability.png to out_dir."""
+    figures = dict(loss=lambda ax: loss_curves(ax, history),
+                   uncertainty=lambda ax: uncertainty_histograms(ax, scores_by_kind),
+                   reliability=lambda ax: reliability_diagram(ax, scores['token_confidence'], scores['token_correct']))
+    if report.get('routing'):
+        figures['routing'] = lambda ax: routing_heatmap(ax, report['routing'])
+    for name, draw in figures.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        draw(ax)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, f'{name}.png'), dpi=100)
+        plt.close(fig)

@@ -1,0 +1,56 @@
+"""
+The α sweep of the README: train_sft.py for each α, plus a single adapter (M=1),
+then one Markdown table of their reports.
+
+    python sweep_sft.py                                  # α in {0, 0.25, 0.5, 1, 2} and M=1
+    python sweep_sft.py --alphas=0,1 --max_iters=100     # any train_sft.py key passes through
+
+Each run writes its own out_dir (out/sweep/alpha_<α>, out/sweep/single) with
+report.json and plots; the table goes to out/sweep/table.md.
+"""
+import os
+import sys
+
+import train_sft
+from config import parse_args
+
+COLUMNS = ('specialisation', 'auroc_conflict', 'auroc_ood', 'accuracy_consistent', 'coherence', 'nll', 'ece',
+           'train_seconds')
+
+
+def runs(alphas, n_members):
+    """(name, config overrides) of every run in the sweep."""
+    for alpha in alphas:
+        yield f'alpha_{alpha:g}', dict(alpha=alpha, n_members=n_members)
+    yield 'single', dict(alpha=1.0, n_members=1)  # with one member every α gives the same loss
+
+
+def table(rows):
+    """Markdown table of (label, report) rows; null metrics print as '–'."""
+    lines = ['| run | ' + ' | '.join(COLUMNS) + ' |', '|---' * (len(COLUMNS) + 1) + '|']
+    for label, report in rows:
+        cells = ['–' if report[c] is None else f'{report[c]:.3f}' if isinstance(report[c], float) else str(report[c])
+                 for c in COLUMNS]
+        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def main(argv):
+    sweep_keys = [a for a in argv if a.startswith(('--alphas=', '--sweep_dir='))]
+    sweep = parse_args(dict(alphas='0,0.25,0.5,1,2', sweep_dir='out/sweep'), sweep_keys)
+    config = parse_args(train_sft.defaults, [a for a in argv if a not in sweep_keys])
+    rows = []
+    for name, overrides in runs([float(a) for a in sweep['alphas'].split(',')], config['n_members']):
+        run_config = config | overrides | dict(out_dir=os.path.join(sweep['sweep_dir'], name))
+        print(f"== {name}: alpha={run_config['alpha']}, n_members={run_config['n_members']}")
+        _, _, report = train_sft.train(run_config)
+        label = f"M={run_config['n_members']}, α={run_config['alpha']:g}" if name != 'single' else 'M=1 (one adapter)'
+        rows.append((label, report))
+    text = table(rows)
+    with open(os.path.join(sweep['sweep_dir'], 'table.md'), 'w') as f:
+        f.write(text + '\n')
+    print(text)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,180 @@
+"""
+α-Rényi supervised fine-tuning of an ensemble of LoRA adapters on a frozen base GPT.
+
+    python train_sft.py                         # the benchmark, M=4 members, default alpha
+    python train_sft.py --alpha=0 --out_dir=out/sft_vb
+    python train_sft.py --data=mine.jsonl --val_data=mine_val.jsonl
+
+Each step: one forward pass of all M members on a batch, the per-member sequence
+log-likelihoods logp (M, B), and the loss renyi_loss(logp, alpha) + prior_penalty.
+At the end it evaluates the ensemble on held-out prompts and writes
+out_dir/report.json and PNG plots.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+import data
+from config import parse_args
+from evaluate import routing_matrix, score_rows, sft_report
+from lora import add_lora, lora_parameters, lora_state_dict
+from model import GPT, GPTConfig
+from pretrain import learning_rate, save_atomically
+from renyi_lora import check_alpha, prior_penalty, renyi_loss, sequence_logprobs
+
+defaults = dict(
+    # data: '' means the built-in benchmark of data.py; otherwise JSONL files of {"prompt", "response"}
+    data='',
+    val_data='',            # held-out rows; '' holds out a seeded share of the training prompts
+    ood_data='',            # out-of-distribution prompts for auroc_ood; '' means none (benchmark: its OOD set)
+    val_fraction=0.1,       # share of prompts held out when --data is given without --val_data
+    base='out/base.pt',     # the pretrained base model; pretrain.py makes it when missing
+    out_dir='out/sft',
+    resume=False,           # continue from out_dir/ckpt.pt
+    # the ensemble
+    n_members=4,
+    alpha=1.0,              # 0: variational Bayes (every member fits everything); 1: predictive mixture
+    lora_rank=8,
+    lora_alpha=16.0,        # LoRA scaling is lora_alpha / lora_rank
+    sigma_p=1.0,            # prior N(0, sigma_p^2) on the LoRA parameters
+    prior_weight=1.0,       # lambda; 1 is the exact Bayesian weight
+    # optimisation
+    max_iters=400,
+    batch_size=32,
+    learning_rate=3e-3,
+    min_lr=3e-4,            # linear warm-up over warmup_iters, then cosine decay to min_lr (pretrain.learning_rate)
+    warmup_iters=20,
+    weight_decay=0.0,       # the prior already regularises
+    grad_clip=1.0,          # a member that suddenly takes over an example gets a large gradient
+    log_interval=20,
+    eval_interval=200,
+    # report
+    n_samples=4,            # sampled responses per member and conflicting prompt, for coherence
+    max_new_tokens=32,
+    seed=1337,
+    device='cuda' if torch.cuda.is_available() else 'cpu',
+)
+
+
+def load_base(config):
+    """The frozen base GPT and its tokenizer name; runs pretrain.py first when the checkpoint is missing."""
+    if not os.path.exists(config['base']):
+        print(f"{config['base']} not found: pretraining the base model first")
+        subprocess.run([sys.executable, 'pretrain.py', f"--out_path={config['base']}",
+                        f"--device={config['device']}"], check=True)
+    checkpoint = torch.load(config['base'], map_location='cpu', weights_only=True)
+    model = GPT(GPTConfig(**checkpoint['config']))
+    model.load_state_dict(checkpoint['model'])
+    return model, checkpoint['tokenizer']
+
+
+def load_rows(config):
+    """Train, validation, test and OOD rows (dicts with prompt, response, kind, group, ...)."""
+    if not config['data']:
+        bench = data.make_benchmark(seed=0)
+        return bench['sft_train'], bench['sft_val'], bench['sft_test'], bench['ood']
+    rows = data.load_sft_jsonl(config['data'])
+    if config['val_data']:
+        train_rows, held_out = rows, data.load_sft_jsonl(config['val_data'])
+    else:
+        train_rows, held_out = data.split_by_prompt(rows, config['val_fraction'], seed=config['seed'])
+    data.mark_conflicts(train_rows + held_out)
+    ood_rows = data.load_sft_jsonl(config['ood_data']) if config['ood_data'] else []
+    return train_rows, held_out, held_out, ood_rows
+
+
+def save_checkpoint(path, model, optimizer, it, config, history):
+    """Adapters, optimizer, step, config and RNG state, written to a temp file and renamed."""
+    state = dict(adapters=lora_state_dict(model), lora_config=model.lora_config, optimizer=optimizer.state_dict(),
+                 iter=it, config=config, history=history, rng=torch.get_rng_state())
+    save_atomically(state, path)
+
+
+def train(config):
+    """Train the ensemble per config; returns (model, tokenizer, report dict)."""
+    check_alpha(config['alpha'])
+    torch.manual_seed(config['seed'])
+    device = config['device']
+    os.makedirs(config['out_dir'], exist_ok=True)
+    model, tokenizer_name = load_base(config)
+    tokenizer = data.get_tokenizer(tokenizer_name)
+    train_rows, val_rows, test_rows, ood_rows = load_rows(config)
+    block_size = model.config.block_size
+    train_set = data.encode_sft(train_rows, tokenizer, block_size)
+    params = add_lora(model, config['n_members'], config['lora_rank'], config['lora_alpha'])
+    model.to(device)
+    optimizer = torch.optim.AdamW(params, lr=config['learning_rate'], weight_decay=config['weight_decay'])
+    start, history = 0, dict(iter=[], loss=[], val_iter=[], val_nll=[])
+    ckpt_path = os.path.join(config['out_dir'], 'ckpt.pt')
+    if config['resume']:
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt['adapters'], strict=False)
+        optimizer.load_state_dict(ckpt['optimizer'])
+        torch.set_rng_state(ckpt['rng'])
+        start, history = ckpt['iter'], ckpt['history']
+        print(f"resumed from {ckpt_path} at iter {start}")
+    batches = data.shuffled_batches(len(train_set), config['batch_size'], config['seed'])
+    for _ in range(start):
+        next(batches)  # replay the order of a resumed run: the same batches as an uninterrupted one
+
+    t_start = t_last = time.time()
+    for it in range(start, config['max_iters']):
+        for group in optimizer.param_groups:
+            group['lr'] = learning_rate(it, config)
+        idx, labels = (t.to(device) for t in data.sft_batch(train_set, next(batches), tokenizer.eot_token))
+        logp = sequence_logprobs(model(idx), labels)                       # (M, B)
+        loss = renyi_loss(logp, config['alpha']) + prior_penalty(
+            params, len(train_set), config['n_members'], config['sigma_p'], config['prior_weight'])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config['grad_clip'])
+        optimizer.step()
+        history['iter'].append(it)
+        history['loss'].append(loss.item())
+        done = it + 1
+        if done % config['log_interval'] == 0 or done == config['max_iters']:
+            now = time.time()
+            ms = (now - t_last) * 1000 / config['log_interval']
+            eta = (now - t_start) / (done - start) * (config['max_iters'] - done)
+            print(f"iter {done}: loss {loss.item():.4f}, {ms:.1f}ms, eta {eta:.0f}s", flush=True)
+            t_last = now
+        if done % config['eval_interval'] == 0 or done == config['max_iters']:
+            validate(model, tokenizer, val_rows, config, history, done)
+            save_checkpoint(ckpt_path, model, optimizer, done, config, history)
+    train_seconds = time.time() - t_start
+
+    report = sft_report(model, tokenizer, test_rows, ood_rows, config, history)
+    report['train_seconds'] = round(train_seconds, 1)
+    with open(os.path.join(config['out_dir'], 'report.json'), 'w') as f:
+        json.dump(report, f, indent=2)
+    return model, tokenizer, report
+
+
+def validate(model, tokenizer, val_rows, config, history, it):
+    """Validation NLL of the mixture and the member x group routing matrix; printed and logged."""
+    scores = score_rows(model, tokenizer, val_rows, config)
+    nll = (-(torch.logsumexp(scores['logp'], 0) - torch.log(torch.tensor(float(config['n_members']))))
+           / scores['n_tokens'].clamp(min=1)).mean().item()
+    history['val_iter'].append(it)
+    history['val_nll'].append(nll)
+    print(f"eval {it}: val nll/token {nll:.4f}")
+    conflicting = [i for i, row in enumerate(val_rows) if row.get('kind') == 'conflicting' and row.get('group')]
+    if conflicting:
+        matrix = routing_matrix(scores['logp'][:, conflicting], config['alpha'],
+                                [val_rows[i]['group'] for i in conflicting])
+        for group, weights in matrix.items():
+            print(f"  routing {group:>12}: " + ' '.join(f"{w:.2f}" for w in weights))
+
+
+def main(argv=None):
+    config = parse_args(defaults, argv)
+    _, _, report = train(config)
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (dict, list))}, indent=2))
+
+
+if __name__ == '__main__':
+    main()
