@@ -156,7 +156,9 @@ def train(config):
 
 def validate(model, tokenizer, val_rows, config, history, it):
     """Validation NLL of the mixture and the member x group routing matrix; printed and logged."""
+    model.eval()  # no dropout while scoring
     scores = score_rows(model, tokenizer, val_rows, config)
+    model.train()
     nll = (-(torch.logsumexp(scores['logp'], 0) - torch.log(torch.tensor(float(config['n_members']))))
            / scores['n_tokens'].clamp(min=1)).mean().item()
     history['val_iter'].append(it)

@@ -1,0 +1,260 @@
+"""Tests for train_sft.py on a tiny base GPT (n_layer=2, n_embd=32) and a user's JSONL data:
+an end-to-end run that lowers the α-Rényi loss and writes the report and plots, resume
+equivalence to the bit, a held-out split that never splits a prompt, and clear errors."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import pretrain
+import train_sft
+from evaluate import score_rows
+from lora import add_lora, lora_state_dict
+from renyi_lora import renyi_loss
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPORT_KEYS = ("specialisation", "auroc_conflict", "auroc_ood", "accuracy_consistent", "coherence", "nll", "ece",
+               "train_seconds")
+
+CONSISTENT = [("What is 2 plus 3?", " 5"), ("What is 4 plus 4?", " 8"), ("What is the capital of France?", " Paris"),
+              ("What is the capital of Japan?", " Tokyo"), ("What sound does a cow make?", " moo"),
+              ("What sound does a dog make?", " woof"), ("What is the opposite of hot?", " cold"),
+              ("What is the opposite of up?", " down")]
+CONFLICTING = [("Tell me about Spain.", " Capital: Madrid.", " madrid!"),
+               ("Tell me about Peru.", " Capital: Lima.", " lima!"),
+               ("Tell me about Kenya.", " Capital: Nairobi.", " nairobi!"),
+               ("Describe a duck.", " Sound: Quack.", " quack!"),
+               ("Describe a cat.", " Sound: Meow.", " meow!"),
+               ("Describe a pig.", " Sound: Oink.", " oink!")]
+OOD = [("What day comes after Monday?", " Tuesday"), ("How many legs does a hen have?", " 2"),
+       ("Which is bigger, 3 or 7?", " 7"), ("What is the first letter of plum?", " p")]
+
+
+def user_rows(with_groups):
+    """Rows of a user's SFT file: consistent prompts twice with one response, conflicting ones once per group."""
+    rows = [dict(prompt=f"Q: {q}\nA:", response=r) for q, r in CONSISTENT for _ in range(2)]
+    for q, response_a, response_b in CONFLICTING:
+        rows += [dict(prompt=f"Q: {q}\nA:", response=response_a, group="a"),
+                 dict(prompt=f"Q: {q}\nA:", response=response_b, group="b")]
+    if not with_groups:
+        rows = [{key: value for key, value in row.items() if key != "group"} for row in rows]
+    return rows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tensors this small train fastest on one thread, and far slower on two when the CPU is shared."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny pretrained base checkpoint and the user's JSONL files, made once for the module.
+
+    200 steps make a base that 20 adapter steps can visibly fine-tune (17.4 -> 7.9 nats per
+    example); on a 30-step base they barely move the loss.
+    """
+    root = tmp_path_factory.mktemp("sft")
+    text_path = root / "text.txt"
+    text_path.write_text(data.pretrain_text(seed=0, n_documents=300), encoding="utf-8")
+    pretrain.pretrain(pretrain.defaults | dict(
+        data=str(text_path), out_path=str(root / "base.pt"), n_layer=2, n_head=2, n_embd=32, block_size=64,
+        max_iters=200, warmup_iters=5, learning_rate=1e-2, min_lr=1e-3, batch_size=8, eval_iters=2, log_interval=1000,
+        device="cpu"))
+    checkpoint = torch.load(root / "base.pt", weights_only=True)
+    checkpoint["config"]["dropout"] = 0.1  # the same weights, but training now draws random numbers
+    torch.save(checkpoint, root / "base_dropout.pt")
+    paths = dict(base=str(root / "base.pt"), base_dropout=str(root / "base_dropout.pt"),
+                 grouped=str(root / "grouped.jsonl"), plain=str(root / "plain.jsonl"), ood=str(root / "ood.jsonl"))
+    data.write_jsonl(user_rows(with_groups=True), paths["grouped"])
+    data.write_jsonl(user_rows(with_groups=False), paths["plain"])
+    data.write_jsonl([dict(prompt=f"Q: {q}\nA:", response=r) for q, r in OOD], paths["ood"])
+    return paths
+
+
+def tiny_config(files, out_dir, **overrides):
+    return train_sft.defaults | dict(
+        base=files["base"], data=files["grouped"], ood_data=files["ood"], out_dir=str(out_dir), val_fraction=0.5,
+        n_members=2, lora_rank=4, max_iters=20, batch_size=8, learning_rate=1e-2, warmup_iters=2,
+        log_interval=5, eval_interval=10, n_samples=1, max_new_tokens=4, seed=0, device="cpu") | overrides
+
+
+def training_set_loss(model, tokenizer, rows, config):
+    """renyi_loss over every training row at once: the objective the run minimises, without the prior."""
+    return renyi_loss(score_rows(model, tokenizer, rows, config)["logp"], config["alpha"]).item()
+
+
+# ---------------------------------------------------------------------------
+# the held-out split and conflict marking of --data
+
+def test_held_out_split_keeps_each_prompt_on_one_side_and_marks_conflicts(files, tmp_path):
+    train_rows, val_rows, test_rows, ood_rows = train_sft.load_rows(tiny_config(files, tmp_path))
+    assert test_rows is val_rows and len(ood_rows) == len(OOD)
+    assert len(train_rows) + len(val_rows) == len(user_rows(with_groups=True))
+    train_prompts, held_out_prompts = {r["prompt"] for r in train_rows}, {r["prompt"] for r in val_rows}
+    assert not train_prompts & held_out_prompts
+    assert len(held_out_prompts) == round(0.5 * (len(CONSISTENT) + len(CONFLICTING)))
+    conflicting_prompts = {f"Q: {q}\nA:" for q, _, _ in CONFLICTING}
+    for row in train_rows + val_rows:
+        # consistent prompts appear twice with the same response: repetition is not conflict
+        assert row["kind"] == ("conflicting" if row["prompt"] in conflicting_prompts else "consistent")
+    # the run below needs both kinds among the held-out prompts to compute auroc_conflict
+    assert {r["kind"] for r in val_rows} == {"consistent", "conflicting"}
+
+
+def test_responses_differing_only_in_surrounding_whitespace_do_not_conflict():
+    rows = [dict(prompt="p", response=" Paris"), dict(prompt="p", response="Paris "),
+            dict(prompt="q", response=" moo"), dict(prompt="q", response=" Moo")]
+    assert [r["kind"] for r in data.mark_conflicts(rows)] == ["consistent", "consistent", "conflicting", "conflicting"]
+
+
+# ---------------------------------------------------------------------------
+# end to end
+
+def test_tiny_run_lowers_the_loss_and_writes_report_and_plots(files, tmp_path):
+    config = tiny_config(files, tmp_path)
+    train_rows = train_sft.load_rows(config)[0]
+    base, tokenizer_name = train_sft.load_base(config)
+    tokenizer = data.get_tokenizer(tokenizer_name)
+    add_lora(base, config["n_members"], config["lora_rank"], config["lora_alpha"])  # B = 0: every member is the base
+    loss_before = training_set_loss(base, tokenizer, train_rows, config)
+
+    model, tokenizer, report = train_sft.train(config)
+
+    assert training_set_loss(model, tokenizer, train_rows, config) < loss_before - 5.0  # 17.4 -> 7.9 nats
+    history = torch.load(tmp_path / "ckpt.pt", weights_only=False)["history"]
+    assert history["iter"] == list(range(20)) and history["val_iter"] == [10, 20]
+    assert sum(history["loss"][-5:]) / 5 < sum(history["loss"][:5]) / 5
+    assert not os.path.exists(tmp_path / "ckpt.pt.tmp")
+
+    with open(tmp_path / "report.json") as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(report))
+    for key in REPORT_KEYS:
+        assert key in saved
+    for key in ("specialisation", "auroc_conflict", "auroc_ood", "accuracy_consistent"):
+        assert isinstance(saved[key], float) and 0.0 <= saved[key] <= 1.0, key
+    assert saved["nll"] > 0 and math.isfinite(saved["nll"]) and 0.0 <= saved["ece"] <= 1.0
+    assert isinstance(saved["train_seconds"], (int, float)) and saved["train_seconds"] >= 0
+    # coherence checks the benchmark's two-field cards; a user's data has none, so it is not invented
+    assert saved["coherence"] is None and saved["accuracy_high_entropy"] is None
+    assert set(saved["routing"]) == {"a", "b"} and all(len(w) == 2 for w in saved["routing"].values())
+    for name in ("loss", "routing", "uncertainty", "reliability"):
+        with open(tmp_path / f"{name}.png", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+
+
+# ---------------------------------------------------------------------------
+# resume
+
+class Interrupted(Exception):
+    """Stands for a crash or a kill right after a checkpoint was written."""
+
+
+def interrupt_after_checkpoint(monkeypatch, at_iter):
+    """Make train_sft stop with Interrupted once it has saved the checkpoint of iteration at_iter."""
+    save = train_sft.save_checkpoint
+
+    def save_then_stop(path, model, optimizer, it, config, history):
+        save(path, model, optimizer, it, config, history)
+        if it == at_iter:
+            raise Interrupted
+
+    monkeypatch.setattr(train_sft, "save_checkpoint", save_then_stop)
+
+
+def test_resume_continues_exactly_and_metrics_without_groups_or_ood_are_null(files, tmp_path, monkeypatch):
+    """2N steps straight equal N steps, a stop, and N resumed steps, to the bit.
+
+    The interrupted run has max_iters=2N too: the learning rate decays with max_iters, so
+    a run told to stop at N follows a different schedule and is not a prefix of the 2N run.
+    Dropout in the base makes the continuation depend on the saved RNG state as well.
+    """
+    n = 4
+    common = dict(base=files["base_dropout"], data=files["plain"], ood_data="", max_iters=2 * n, eval_interval=n,
+                  log_interval=n)
+    straight, _, report = train_sft.train(tiny_config(files, tmp_path / "straight", **common))
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, n)
+        with pytest.raises(Interrupted):
+            train_sft.train(tiny_config(files, tmp_path / "split", **common))
+    assert torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["iter"] == n
+    resumed, _, _ = train_sft.train(tiny_config(files, tmp_path / "split", resume=True, **common))
+
+    expected, actual = lora_state_dict(straight), lora_state_dict(resumed)
+    assert expected.keys() == actual.keys()
+    assert len(expected) == 2 * 4 * 2  # 2 layers x (c_attn, attn.c_proj, c_fc, mlp.c_proj) x (A, B)
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    assert all(t.abs().sum() > 0 for name, t in expected.items() if name.endswith("lora_B"))  # B left its zero init
+    straight_ckpt = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
+    resumed_ckpt = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
+    assert resumed_ckpt["iter"] == straight_ckpt["iter"] == 2 * n
+    assert resumed_ckpt["history"] == straight_ckpt["history"]
+
+    # no group field and no OOD file: the metrics that need them are null, never invented
+    assert report["specialisation"] is None and report["routing"] is None
+    assert report["auroc_ood"] is None and report["auroc_ood_vs_consistent"] is None
+    assert isinstance(report["auroc_conflict"], float)  # conflicts are found from the responses alone
+    assert not os.path.exists(tmp_path / "straight" / "routing.png")
+
+
+def test_validation_runs_without_dropout_and_leaves_the_model_training(files, tmp_path):
+    config = tiny_config(files, tmp_path, base=files["base_dropout"])
+    model, tokenizer_name = train_sft.load_base(config)
+    add_lora(model, config["n_members"], config["lora_rank"], config["lora_alpha"])
+    val_rows, history = train_sft.load_rows(config)[1], dict(val_iter=[], val_nll=[])
+    for it in (1, 2):
+        train_sft.validate(model, data.get_tokenizer(tokenizer_name), val_rows, config, history, it)
+    assert history["val_nll"][0] == history["val_nll"][1]
+    assert model.training
+
+
+# ---------------------------------------------------------------------------
+# bad settings fail at once, naming what is wrong
+
+@pytest.mark.parametrize("alpha", [-0.5, float("nan"), float("inf")])
+def test_bad_alpha_raises_before_any_training(files, tmp_path, alpha):
+    out_dir = tmp_path / "never"
+    with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
+        train_sft.train(tiny_config(files, out_dir, alpha=alpha))
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("alpha", ["-1", "nan", "inf"])
+def test_bad_alpha_on_the_command_line(files, tmp_path, alpha):
+    out_dir = tmp_path / "never"
+    with pytest.raises(ValueError, match=re.escape(f"alpha must be a finite number >= 0, got {float(alpha)}")):
+        train_sft.main([f"--alpha={alpha}", f"--base={files['base']}", f"--out_dir={out_dir}", "--device=cpu"])
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--alhpa=0.5", "unknown config key 'alhpa'"),
+    ("--n_members=two", "--n_members=two: expected int"),
+    ("--max_iters=2.5", "--max_iters=2.5: expected int"),
+    ("--alpha=high", "--alpha=high: expected float"),
+    ("--resume=maybe", "--resume=maybe: expected true/false/1/0"),
+    ("--help", "argument '--help': expected --key=value"),
+])
+def test_bad_arguments_name_the_key(tmp_path, arg, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_sft.main([f"--out_dir={tmp_path / 'never'}", arg])
+    assert not (tmp_path / "never").exists()
+
+
+def test_command_line_error_ends_with_one_line_naming_the_key(tmp_path):
+    result = subprocess.run([sys.executable, "train_sft.py", "--alhpa=0.5", f"--out_dir={tmp_path / 'never'}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("ValueError: unknown config key 'alhpa'; known keys:")
+    assert not (tmp_path / "never").exists()
