@@ -412,9 +412,9 @@ def make_benchmark(seed=0):
 def fact_sentences():
     """Every fact of the world as a few sentences, the raw material of the pretraining text.
 
-    Plain statements, question-answer lines and "Key: Value." records, so the
-    base model has seen facts asked about and written in several styles, but
-    never the benchmark's own questions.
+    Plain statements (some with commas), question-answer lines and "Key: Value."
+    records, so the base model has seen facts asked about and written in several
+    styles, but never the benchmark's own questions.
     """
     sentences = []
     for country, capital, continent in COUNTRIES:
@@ -422,17 +422,21 @@ def fact_sentences():
                       f"{country} is a country in {continent}.", f"{capital} is a city in {continent}.",
                       f"Q: Which city is the capital of {country}?\nA: {capital}.",
                       f"Q: Where is {country}?\nA: {country} is in {continent}.",
-                      f"Country: {country}. Capital: {capital}. Continent: {continent}."]
+                      f"Country: {country}. Capital: {capital}. Continent: {continent}.",
+                      f"In {continent}, the capital of {country} is {capital}.", f"{country}, {capital}, {continent}."]
     for animal, sound, legs in ANIMALS:
         sentences += [f"{upper_first(article(animal))} says {sound}.", f"The {animal} goes {sound}.",
                       f"{upper_first(article(animal))} has {legs} legs.",
                       f"{upper_first(article(animal))} has {NUMBER_WORDS[legs]} legs.",
                       f"Q: What does {article(animal)} say?\nA: It says {sound}.",
-                      f"Animal: {animal.title()}. Sound: {sound.title()}. Legs: {legs}."]
+                      f"Animal: {animal.title()}. Sound: {sound.title()}. Legs: {legs}.",
+                      f"The {animal} says {sound}, and it has {NUMBER_WORDS[legs]} legs."]
     for a, b in itertools.product(range(10), repeat=2):
         sentences += [f"{a} plus {b} is {a + b}.", f"{a} plus {b} equals {a + b}.",
                       f"{upper_first(NUMBER_WORDS[a])} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}.",
-                      f"Q: How much is {a} plus {b}?\nA: {a + b}."]
+                      f"Q: How much is {a} plus {b}?\nA: {a + b}.",
+                      f"Take {NUMBER_WORDS[a]}, add {NUMBER_WORDS[b]}, and you get {NUMBER_WORDS[a + b]}.",
+                      f"Numbers: {a} and {b}. Sum: {a + b}."]
     for n, word in enumerate(NUMBER_WORDS):
         sentences += [f"{n} is written {word}.", f"{n} is an {parity(n)} number.",
                       f"Number: {n}. Word: {word.title()}. Parity: {parity(n).title()}.",
@@ -450,7 +454,7 @@ def fact_sentences():
             sentences.append(f"{upper_first(word)} rhymes with {other}.")
     for day, next_day in zip(DAYS, DAYS[1:] + DAYS[:1]):
         sentences += [f"{next_day} comes after {day}.", f"After {day} comes {next_day}.",
-                      f"{day} is a day of the week."]
+                      f"{day} is a day of the week.", f"First {day}, then {next_day}."]
     return sentences
 
 
