@@ -34,6 +34,40 @@ def sequence_logprobs(logits, labels, length_normalize=False):
     return summed
 
 
+def dpo_logp(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             label_smoothing=0.0):
+    """The DPO log-likelihood of each preference under each member (METHOD.md §1): what renyi_loss consumes.
+
+        h_m(x)     = [log pi_m(y_w|x) - log pi_ref(y_w|x)] - [log pi_m(y_l|x) - log pi_ref(y_l|x)]
+        log p_m(x) = log sigmoid(beta * h_m(x))
+
+    the Bradley-Terry likelihood of "y_w beats y_l" under member m's implied
+    reward; minus the summand of Rafailov et al. (2023), eq. 7. Policy inputs
+    (M, B) -> (M, B); the reference may be (M, B) or (B,) (one reference for all).
+    label_smoothing eps treats a share eps of the labels as flipped (conservative DPO):
+        log p_m(x) = (1 - eps) log sigmoid(beta h_m) + eps log sigmoid(-beta h_m)
+    """
+    logits = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    return (1 - label_smoothing) * F.logsigmoid(beta * logits) + label_smoothing * F.logsigmoid(-beta * logits)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             label_smoothing=0.0):
+    """DPO for a single model, Rafailov et al. (2023), eq. 7, per example:
+
+        loss = -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
+
+    (with label_smoothing eps: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)).
+    All inputs (B,) -> (losses, chosen_rewards, rejected_rewards), each (B,); the
+    implied rewards beta * (log pi - log pi_ref) are detached, for logging.
+    """
+    losses = -dpo_logp(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                       label_smoothing)
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
 def vb_loss(logp):
     """The variational-Bayes / deep-ensemble end, alpha -> 0.
 
