@@ -32,18 +32,20 @@ defaults = dict(
     val_data='',            # held-out rows; '' holds out a seeded share of the training prompts
     ood_data='',            # out-of-distribution prompts for auroc_ood; '' means none (benchmark: its OOD set)
     val_fraction=0.1,       # share of prompts held out when --data is given without --val_data
+    truncate=False,         # rows longer than the base's block_size: error (False) or cut the prompt's start
     base='out/base.pt',     # the pretrained base model; pretrain.py makes it when missing
     out_dir='out/sft',
     resume=False,           # continue from out_dir/ckpt.pt
     # the ensemble
     n_members=4,
     alpha=1.0,              # 0: variational Bayes (every member fits everything); 1: predictive mixture
+    alpha_ramp_iters=0,     # raise alpha linearly from 0 over these first iters (0: no ramp), see alpha_at
     lora_rank=8,
     lora_alpha=16.0,        # LoRA scaling is lora_alpha / lora_rank
     sigma_p=1.0,            # prior N(0, sigma_p^2) on the LoRA parameters
     prior_weight=1.0,       # lambda; 1 is the exact Bayesian weight
     # optimisation
-    max_iters=400,
+    max_iters=500,
     batch_size=32,
     learning_rate=3e-3,
     min_lr=3e-4,            # linear warm-up over warmup_iters, then cosine decay to min_lr (pretrain.learning_rate)
@@ -51,7 +53,7 @@ defaults = dict(
     weight_decay=0.0,       # the prior already regularises
     grad_clip=1.0,          # a member that suddenly takes over an example gets a large gradient
     log_interval=20,
-    eval_interval=200,
+    eval_interval=250,
     # report
     n_samples=4,            # sampled responses per member and conflicting prompt, for coherence
     max_new_tokens=32,
@@ -87,11 +89,39 @@ def load_rows(config):
     return train_rows, held_out, held_out, ood_rows
 
 
+def alpha_at(it, config):
+    """The alpha of step `it`: a linear ramp from 0 to config['alpha'] over alpha_ramp_iters.
+
+    At alpha = 0 every member learns every example, conflicting ones included;
+    once alpha passes the critical alpha* (stability.py) the collapsed ensemble
+    turns unstable and the members split. Without the ramp, members that lose
+    the first race for a group never learn its responses at all.
+    """
+    if it >= config['alpha_ramp_iters']:
+        return config['alpha']
+    return config['alpha'] * it / config['alpha_ramp_iters']
+
+
 def save_checkpoint(path, model, optimizer, it, config, history):
     """Adapters, optimizer, step, config and RNG state, written to a temp file and renamed."""
     state = dict(adapters=lora_state_dict(model), lora_config=model.lora_config, optimizer=optimizer.state_dict(),
                  iter=it, config=config, history=history, rng=torch.get_rng_state())
     save_atomically(state, path)
+
+
+def resume_from(ckpt_path, model, optimizer, config):
+    """Load a save_checkpoint file's adapters, optimizer and RNG state; returns (start iter, history)."""
+    ckpt = torch.load(ckpt_path, map_location=config['device'], weights_only=False)
+    unexpected = model.load_state_dict(ckpt['adapters'], strict=False).unexpected_keys  # the base is not in it
+    if unexpected:
+        raise ValueError(f"{ckpt_path}: adapter keys {unexpected[:3]} do not fit this model (another lora config?)")
+    if ckpt['config']['max_iters'] != config['max_iters']:
+        print(f"warning: max_iters {config['max_iters']} differs from the checkpoint's "
+              f"{ckpt['config']['max_iters']}, so the learning-rate schedule changes from here on")
+    optimizer.load_state_dict(ckpt['optimizer'])
+    torch.set_rng_state(ckpt['rng'])
+    print(f"resumed from {ckpt_path} at iter {ckpt['iter']}")
+    return ckpt['iter'], ckpt['history']
 
 
 def train(config):
@@ -104,30 +134,26 @@ def train(config):
     tokenizer = data.get_tokenizer(tokenizer_name)
     train_rows, val_rows, test_rows, ood_rows = load_rows(config)
     block_size = model.config.block_size
-    train_set = data.encode_sft(train_rows, tokenizer, block_size)
+    train_set = data.encode_sft(train_rows, tokenizer, block_size, truncate=config['truncate'])
     params = add_lora(model, config['n_members'], config['lora_rank'], config['lora_alpha'])
     model.to(device)
     optimizer = torch.optim.AdamW(params, lr=config['learning_rate'], weight_decay=config['weight_decay'])
     start, history = 0, dict(iter=[], loss=[], val_iter=[], val_nll=[])
     ckpt_path = os.path.join(config['out_dir'], 'ckpt.pt')
     if config['resume']:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt['adapters'], strict=False)
-        optimizer.load_state_dict(ckpt['optimizer'])
-        torch.set_rng_state(ckpt['rng'])
-        start, history = ckpt['iter'], ckpt['history']
-        print(f"resumed from {ckpt_path} at iter {start}")
+        start, history = resume_from(ckpt_path, model, optimizer, config)
     batches = data.shuffled_batches(len(train_set), config['batch_size'], config['seed'])
     for _ in range(start):
         next(batches)  # replay the order of a resumed run: the same batches as an uninterrupted one
 
     t_start = t_last = time.time()
+    last_logged = start
     for it in range(start, config['max_iters']):
         for group in optimizer.param_groups:
             group['lr'] = learning_rate(it, config)
         idx, labels = (t.to(device) for t in data.sft_batch(train_set, next(batches), tokenizer.eot_token))
         logp = sequence_logprobs(model(idx), labels)                       # (M, B)
-        loss = renyi_loss(logp, config['alpha']) + prior_penalty(
+        loss = renyi_loss(logp, alpha_at(it, config)) + prior_penalty(
             params, len(train_set), config['n_members'], config['sigma_p'], config['prior_weight'])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -138,10 +164,10 @@ def train(config):
         done = it + 1
         if done % config['log_interval'] == 0 or done == config['max_iters']:
             now = time.time()
-            ms = (now - t_last) * 1000 / config['log_interval']
+            ms = (now - t_last) * 1000 / (done - last_logged)
             eta = (now - t_start) / (done - start) * (config['max_iters'] - done)
             print(f"iter {done}: loss {loss.item():.4f}, {ms:.1f}ms, eta {eta:.0f}s", flush=True)
-            t_last = now
+            t_last, last_logged = now, done
         if done % config['eval_interval'] == 0 or done == config['max_iters']:
             validate(model, tokenizer, val_rows, config, history, done)
             save_checkpoint(ckpt_path, model, optimizer, done, config, history)
