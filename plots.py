@@ -4,6 +4,7 @@ The report's figures, as PNG files. matplotlib with the Agg backend: no display 
 import os
 
 import matplotlib
+import numpy as np
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
@@ -24,12 +25,11 @@ def loss_curves(ax, history):
 def routing_heatmap(ax, routing):
     """routing: {group: [mean responsibility of member 0, 1, ...]}"""
     groups = list(routing)
-    matrix = torch.tensor([routing[g] for g in groups]).T                       # (M, groups)
+    matrix = np.array([routing[g] for g in groups]).T                          # (M, groups)
     image = ax.imshow(matrix, vmin=0, vmax=1, cmap='viridis')
     ax.set_xticks(range(len(groups)), groups)
     ax.set_yticks(range(matrix.shape[0]), [f'member {m}' for m in range(matrix.shape[0])])
-    for (m, g), value in zip(torch.cartesian_prod(torch.arange(matrix.shape[0]), torch.arange(len(groups))).tolist(),
-                             matrix.flatten().tolist()):
+    for (m, g), value in np.ndenumerate(matrix):
         ax.text(g, m, f'{value:.2f}', ha='center', va='center', color='w' if value < 0.5 else 'k')
     ax.set_title('routing: mean responsibility')
     plt.colorbar(image, ax=ax)
