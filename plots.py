@@ -75,3 +75,31 @@ def sft_plots(out_dir, history, report, scores_by_kind, scores):
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, f'{name}.png'), dpi=100)
         plt.close(fig)
+
+
+def margin_histograms(axes, margins_by_group):
+    """One panel per group; in each, every member's implied reward margins. margins_by_group: {group: (M, n)}"""
+    values = torch.cat([m.flatten() for m in margins_by_group.values()])
+    low, high = values.min().item(), values.max().item()
+    for ax, (group, margins) in zip(axes, margins_by_group.items()):
+        for member, member_margins in enumerate(margins):
+            ax.hist(member_margins.tolist(), bins=30, range=(low, high), alpha=0.5, label=f'member {member}')
+        ax.axvline(0, color='k', lw=0.8)
+        ax.set_title(f'{group} ({margins.shape[1]} pairs)')
+        ax.set_xlabel('reward margin beta * h (> 0: prefers chosen)')
+    axes[0].set_ylabel('pairs')
+    axes[0].legend()
+
+
+def dpo_plots(out_dir, margins_by_group, routing):
+    """Write margins.png (reward margins per member and group) and routing.png to out_dir."""
+    fig, axes = plt.subplots(1, len(margins_by_group), figsize=(4 * len(margins_by_group), 3.5), squeeze=False)
+    margin_histograms(axes[0], margins_by_group)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, 'margins.png'), dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    routing_heatmap(ax, routing)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, 'routing.png'), dpi=100)
+    plt.close(fig)

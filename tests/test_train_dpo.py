@@ -1,0 +1,306 @@
+"""Tests for the DPO losses of renyi_lora.py and for train_dpo.py on a tiny base GPT (n_layer=2, n_embd=32):
+dpo_loss against numbers worked out by hand, the M=1 Rényi DPO loss against dpo_loss, each member's
+gradient against its responsibility times its own DPO gradient, a reference that never learns, a tiny
+end-to-end run and clear errors for malformed pair files."""
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+
+import data
+import pretrain
+import train_dpo
+import train_sft
+from lora import add_lora, lora_parameters, lora_state_dict
+from model import GPT, GPTConfig
+from renyi_lora import dpo_logp, dpo_loss, renyi_loss, responsibilities
+
+# ---------------------------------------------------------------------------
+# dpo_loss and dpo_logp
+
+# Two pairs, beta = 0.5. Pair 0: h = (-1 + 2) - (-3 + 2) = 2, beta*h = 1. Pair 1: h = (-4 + 3) - (-2 + 3) = -2.
+POLICY_CHOSEN, POLICY_REJECTED = [-1.0, -4.0], [-3.0, -2.0]
+REF_CHOSEN, REF_REJECTED = [-2.0, -3.0], [-2.0, -3.0]
+LOG1P_EXP_MINUS_1 = 0.31326168751822286   # -log sigmoid(1) = log(1 + e^-1)
+LOG1P_EXP_1 = 1.3132616875182228          # -log sigmoid(-1) = log(1 + e)
+
+
+@pytest.mark.parametrize("label_smoothing, expected", [
+    (0.0, [LOG1P_EXP_MINUS_1, LOG1P_EXP_1]),
+    # -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+    (0.1, [0.9 * LOG1P_EXP_MINUS_1 + 0.1 * LOG1P_EXP_1, 0.9 * LOG1P_EXP_1 + 0.1 * LOG1P_EXP_MINUS_1]),
+])
+def test_dpo_loss_matches_hand_computed_values(label_smoothing, expected):
+    policy_chosen = torch.tensor(POLICY_CHOSEN, dtype=torch.float64, requires_grad=True)
+    policy_rejected = torch.tensor(POLICY_REJECTED, dtype=torch.float64, requires_grad=True)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen, policy_rejected, torch.tensor(REF_CHOSEN, dtype=torch.float64),
+        torch.tensor(REF_REJECTED, dtype=torch.float64), beta=0.5, label_smoothing=label_smoothing)
+    torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+    # implied rewards beta * (log pi - log pi_ref), detached
+    torch.testing.assert_close(chosen_rewards, torch.tensor([0.5, -0.5], dtype=torch.float64))
+    torch.testing.assert_close(rejected_rewards, torch.tensor([-0.5, 0.5], dtype=torch.float64))
+    assert losses.requires_grad and not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
+    # d loss / d log pi(y_w) = -beta * sigmoid(-beta h) without smoothing
+    if label_smoothing == 0.0:
+        (grad,) = torch.autograd.grad(losses.sum(), policy_chosen)
+        sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+        torch.testing.assert_close(grad, torch.tensor([-0.5 * sigmoid(-1), -0.5 * sigmoid(1)], dtype=torch.float64))
+
+
+def random_logps(n_members, batch, seed):
+    """Four (M, B) tensors of sequence log-probs: policy chosen, policy rejected, reference chosen, rejected."""
+    generator = torch.Generator().manual_seed(seed)
+    return [-20 * torch.rand(n_members, batch, generator=generator, dtype=torch.float64) for _ in range(4)]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0, 2.0, 7.0])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_single_member_renyi_dpo_loss_is_dpo_loss(alpha, label_smoothing):
+    logps = random_logps(1, 8, seed=0)
+    logp = dpo_logp(*logps, beta=0.3, label_smoothing=label_smoothing)    # (1, 8)
+    losses, _, _ = dpo_loss(*(t[0] for t in logps), beta=0.3, label_smoothing=label_smoothing)
+    assert renyi_loss(logp, alpha).item() == pytest.approx(losses.mean().item(), abs=1e-12)
+
+
+def test_dpo_logp_takes_one_reference_for_all_members():
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = random_logps(3, 5, seed=1)
+    shared = dpo_logp(policy_chosen, policy_rejected, ref_chosen[0], ref_rejected[0], beta=0.1)
+    expanded = dpo_logp(policy_chosen, policy_rejected, ref_chosen[:1].expand(3, 5), ref_rejected[:1].expand(3, 5),
+                        beta=0.1)
+    assert shared.shape == (3, 5)
+    torch.testing.assert_close(shared, expanded, rtol=0, atol=0)
+
+
+def test_each_member_is_trained_by_its_responsibility_times_its_own_dpo_gradient():
+    """d loss / d theta_m = sum_i w_m(x_i) / B * d(-dpo_loss of member m on x_i) / d theta_m, through the model."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32))
+    add_lora(model, n_members=3, rank=4, lora_alpha=8)
+    for p in lora_parameters(model):  # B = 0 would make every member the base: give them distinct preferences
+        p.data.normal_(0, 1.0)
+    pairs = [(([1, 5, 6, 7, 8], 3), ([1, 5, 6, 9, 10, 11], 3)), (([1, 12, 13, 14], 3), ([1, 12, 13, 20, 21], 3))]
+    batch = data.pref_batch(pairs, [0, 1], pad_id=0)
+    # one reference for all members, (1, B): their mean, so that h_m ~ 0 and the sigmoids are not saturated
+    reference = [logps.mean(0, keepdim=True).detach() for logps in train_dpo.pair_logprobs(model, *batch)]
+    beta, alpha = 30.0, 2.0  # members of a random tiny GPT differ little; a large beta makes the routing visible
+
+    def member_gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in lora_parameters(model)]  # each (M, ...)
+
+    logp = dpo_logp(*train_dpo.pair_logprobs(model, *batch), *reference, beta)           # (M, B)
+    weights = responsibilities(logp.detach(), alpha)                                      # (M, B)
+    assert (weights.max(0).values - weights.min(0).values).min() > 0.1                  # routing is not uniform
+    renyi_grads = member_gradients(renyi_loss(logp, alpha))
+    expected = [torch.zeros_like(g) for g in renyi_grads]
+    for m in range(3):
+        for i in range(2):
+            chosen, rejected = train_dpo.pair_logprobs(model, *batch)                     # (M, B) each
+            losses, _, _ = dpo_loss(chosen[m, i], rejected[m, i], reference[0][0, i], reference[1][0, i], beta)
+            for total, g in zip(expected, member_gradients(losses)):
+                assert g[[k for k in range(3) if k != m]].abs().max() == 0                # member m's loss moves only m
+                total += weights[m, i] / 2 * g
+    for got, want in zip(renyi_grads, expected):
+        # sequence_logprobs works in float32 and beta = 30 amplifies its rounding: 1e-4 of gradients ~0.1,
+        # while routing by the wrong weights (they differ by > 0.1) would be off by ~10%
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# train_dpo.py on a tiny base and a tiny SFT run
+
+SFT_ROWS = [("What is 2 plus 3?", " 5"), ("What is 4 plus 4?", " 8"), ("What is the capital of France?", " Paris"),
+            ("What is the capital of Japan?", " Tokyo"), ("What sound does a cow make?", " moo")]
+CONTESTED = [("Tell me about Spain.", " Capital: Madrid.", " madrid!"), ("Tell me about Peru.", " Capital: Lima.", " lima!"),
+             ("Describe a duck.", " Sound: Quack.", " quack!"), ("Describe a cat.", " Sound: Meow.", " meow!")]
+CONSENSUS = [("What is 2 plus 3?", " 5", " 9"), ("What is 4 plus 4?", " 8", " 3"),
+             ("What is the capital of France?", " Paris", " Lima"), ("What is the capital of Japan?", " Tokyo", " Rome"),
+             ("What sound does a cow make?", " moo", " quack"), ("What sound does a dog make?", " woof", " hiss")]
+
+
+def pair_rows():
+    """A user's pair file: consensus pairs, and contested prompts judged both ways by groups a and b."""
+    rows = [dict(prompt=f"Q: {q}\nA:", chosen=c, rejected=r) for q, c, r in CONSENSUS]
+    for q, formal, casual in CONTESTED:
+        rows += [dict(prompt=f"Q: {q}\nA:", chosen=formal, rejected=casual, group="a"),
+                 dict(prompt=f"Q: {q}\nA:", chosen=casual, rejected=formal, group="b")]
+    return rows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny base, a tiny M=2 SFT run on it, and the pair files, made once for the module."""
+    root = tmp_path_factory.mktemp("dpo")
+    (root / "text.txt").write_text(data.pretrain_text(seed=0, n_documents=300), encoding="utf-8")
+    pretrain.pretrain(pretrain.defaults | dict(
+        data=str(root / "text.txt"), out_path=str(root / "base.pt"), n_layer=2, n_head=2, n_embd=32, block_size=64,
+        max_iters=200, warmup_iters=5, learning_rate=1e-2, min_lr=1e-3, batch_size=8, eval_iters=2, log_interval=1000,
+        device="cpu"))
+    sft_rows = [dict(prompt=f"Q: {q}\nA:", response=r) for q, r in SFT_ROWS]
+    sft_rows += [dict(prompt=f"Q: {q}\nA:", response=r) for q, formal, casual in CONTESTED for r in (formal, casual)]
+    data.write_jsonl(sft_rows, root / "sft.jsonl")
+    train_sft.train(train_sft.defaults | dict(
+        base=str(root / "base.pt"), data=str(root / "sft.jsonl"), val_data=str(root / "sft.jsonl"),
+        out_dir=str(root / "sft"), n_members=2, lora_rank=4, max_iters=20, batch_size=8, learning_rate=1e-2,
+        warmup_iters=2, log_interval=1000, eval_interval=1000, n_samples=1, max_new_tokens=2, seed=0, device="cpu"))
+    data.write_jsonl(pair_rows(), root / "pairs.jsonl")
+    return dict(sft_dir=str(root / "sft"), pairs=str(root / "pairs.jsonl"))
+
+
+def tiny_config(files, out_dir, **overrides):
+    return train_dpo.defaults | dict(
+        sft_dir=files["sft_dir"], data=files["pairs"], val_data=files["pairs"], out_dir=str(out_dir), max_iters=60,
+        batch_size=8, learning_rate=1e-2, warmup_iters=2, beta=0.5, log_interval=20, eval_interval=30, seed=0,
+        device="cpu") | overrides
+
+
+def training_pair_margins(model, tokenizer, rows, reference_logps, config):
+    encoded = data.encode_pref(rows, tokenizer, model.config.block_size)
+    return train_dpo.reward_margins(model, encoded, reference_logps, tokenizer.eot_token, config)[0]  # (M, N)
+
+
+def test_tiny_run_learns_its_training_pairs_and_writes_report_and_plots(files, tmp_path):
+    config = tiny_config(files, tmp_path)
+    rows = train_dpo.mark_contested(data.load_pref_jsonl(files["pairs"]))
+    sft_model, tokenizer_name, sft_config = train_dpo.load_sft(config)
+    tokenizer = data.get_tokenizer(tokenizer_name)
+    reference = train_dpo.load_reference(sft_model, sft_config, config)
+    reference_logps = train_dpo.score_pairs(reference, data.encode_pref(rows, tokenizer, 64), tokenizer.eot_token,
+                                            config)
+    assert training_pair_margins(sft_model, tokenizer, rows, reference_logps, config).abs().max() == 0  # start = ref
+
+    model, _, report = train_dpo.train(config)
+
+    margins = training_pair_margins(model, tokenizer, rows, reference_logps, config)     # (M, N)
+    consensus = torch.tensor([row["kind"] == "consensus" for row in rows])
+    assert (margins[:, consensus] > 0).float().mean(1).min() == 1.0                       # every member, every pair
+    for group in ("a", "b"):
+        in_group = torch.tensor([row["group"] == group for row in rows])
+        assert (margins[:, in_group] > 0).float().mean(1).max() == 1.0                    # some member takes its side
+    with open(tmp_path / "report.json") as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(report))
+    assert set(saved["accuracy_by_group"]) == {"consensus", "contested/a", "contested/b"}
+    assert all(len(accuracy) == 2 for accuracy in saved["accuracy_by_group"].values())
+    assert set(saved["routing"]) == set(saved["ensemble_accuracy_by_group"]) == set(saved["accuracy_by_group"])
+    assert all(sum(w) == pytest.approx(1.0) for w in saved["routing"].values())
+    assert isinstance(saved["auroc_contested"], float) and saved["train_seconds"] >= 0
+    for name in ("margins", "routing"):
+        with open(tmp_path / f"{name}.png", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+    assert not os.path.exists(tmp_path / "ckpt.pt.tmp")
+
+
+@pytest.mark.parametrize("reference", ["sft", "base"])
+def test_reference_is_frozen_and_receives_no_gradient(files, tmp_path, reference):
+    config = tiny_config(files, tmp_path, reference=reference)
+    model, tokenizer_name, sft_config = train_dpo.load_sft(config)
+    tokenizer = data.get_tokenizer(tokenizer_name)
+    reference_model = train_dpo.load_reference(model, sft_config, config)
+    before = {name: t.clone() for name, t in reference_model.state_dict().items()}
+    encoded = data.encode_pref(pair_rows(), tokenizer, 64)
+    ref_chosen, ref_rejected = train_dpo.score_pairs(reference_model, encoded, tokenizer.eot_token, config)
+    assert ref_chosen.shape == ((2, len(encoded)) if reference == "sft" else (1, len(encoded)))
+    assert not ref_chosen.requires_grad and not ref_rejected.requires_grad
+
+    batch = data.pref_batch(encoded, range(len(encoded)), tokenizer.eot_token)
+    logp = dpo_logp(*train_dpo.pair_logprobs(model, *batch), ref_chosen, ref_rejected, config["beta"])
+    renyi_loss(logp, config["alpha"]).backward()
+    optimizer = torch.optim.SGD(lora_parameters(model), lr=1.0)
+    optimizer.step()
+
+    assert all(p.grad is None and not p.requires_grad for p in reference_model.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(model))
+    for name, t in reference_model.state_dict().items():
+        assert torch.equal(t, before[name]), name                                    # the policy's step left it alone
+
+
+class Interrupted(Exception):
+    """Stands for a crash or a kill right after a checkpoint was written."""
+
+
+def test_resume_continues_exactly(files, tmp_path, monkeypatch):
+    """2N steps straight equal N steps, a stop and N resumed steps, to the bit (as for train_sft.py)."""
+    n = 4
+    common = dict(max_iters=2 * n, eval_interval=n, log_interval=n)
+    straight, _, _ = train_dpo.train(tiny_config(files, tmp_path / "straight", **common))
+    save = train_sft.save_checkpoint
+
+    def save_then_stop(path, model, optimizer, it, config, history):
+        save(path, model, optimizer, it, config, history)
+        if it == n:
+            raise Interrupted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_sft, "save_checkpoint", save_then_stop)
+        with pytest.raises(Interrupted):
+            train_dpo.train(tiny_config(files, tmp_path / "split", **common))
+    resumed, _, _ = train_dpo.train(tiny_config(files, tmp_path / "split", resume=True, **common))
+    expected, actual = lora_state_dict(straight), lora_state_dict(resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    straight_ckpt = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
+    resumed_ckpt = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
+    assert resumed_ckpt["iter"] == 2 * n and resumed_ckpt["history"] == straight_ckpt["history"]
+
+
+def test_a_missing_sft_run_is_trained_with_train_sft_defaults(tmp_path, monkeypatch):
+    calls = []
+
+    def record(config):
+        calls.append(config)
+        raise Interrupted
+
+    monkeypatch.setattr(train_sft, "train", record)
+    with pytest.raises(Interrupted):
+        train_dpo.load_sft(train_dpo.defaults | dict(sft_dir=str(tmp_path / "sft"), device="cpu"))
+    assert calls == [train_sft.defaults | dict(out_dir=str(tmp_path / "sft"), device="cpu")]
+
+
+def test_contested_pairs_are_found_from_the_data_alone():
+    rows = [dict(prompt="p", chosen=" A", rejected=" b"), dict(prompt="p", chosen="b", rejected="A "),
+            dict(prompt="q", chosen=" A", rejected=" b"), dict(prompt="p", chosen=" A", rejected=" c")]
+    assert [r["kind"] for r in train_dpo.mark_contested(rows)] == ["contested", "contested", "consensus", "consensus"]
+    assert [train_dpo.report_group(r | dict(group="g")) for r in rows] == ["contested/g"] * 2 + ["consensus"] * 2
+
+
+# ---------------------------------------------------------------------------
+# bad inputs fail at once, naming the file and line
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "Q: x\\nA:", "chosen": " y"}', "missing required field 'rejected'"),
+    ('{"prompt": "Q: x\\nA:", "chosen": " y", "rejected": " y"}', "'chosen' and 'rejected' are identical"),
+    ('{"prompt": "Q: x\\nA:", "chosen": " y", "rejected": 3}', "field 'rejected' must be a string, got int"),
+    ('{"prompt": "Q: x\\nA:", "chosen": " y", "rejected": " z"', "invalid JSON"),
+])
+def test_malformed_pair_file_fails_with_file_and_line(tmp_path, line, message):
+    path = tmp_path / "pairs.jsonl"
+    good = json.dumps(dict(prompt="Q: a\nA:", chosen=" b", rejected=" c"))
+    path.write_text(f"{good}\n\n{line}\n", encoding="utf-8")
+    out_dir = tmp_path / "never"
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: ") + ".*" + re.escape(message)):
+        train_dpo.main([f"--data={path}", f"--out_dir={out_dir}", f"--sft_dir={tmp_path / 'no_sft'}", "--device=cpu"])
+    assert not out_dir.exists() and not (tmp_path / "no_sft").exists()   # failed before training anything
+
+
+@pytest.mark.parametrize("arg, message", [("--reference=policy", "reference must be 'sft' or 'base'"),
+                                          ("--alpha=-1", "alpha must be a finite number >= 0"),
+                                          ("--beta=high", "--beta=high: expected float")])
+def test_bad_settings_fail_before_training(tmp_path, arg, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_dpo.main([arg, f"--out_dir={tmp_path / 'never'}", f"--sft_dir={tmp_path / 'no_sft'}"])
+    assert not (tmp_path / "never").exists() and not (tmp_path / "no_sft").exists()
