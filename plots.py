@@ -100,6 +100,7 @@ def dpo_plots(out_dir, margins_by_group, routing):
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     routing_heatmap(ax, routing)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha='right')  # 'contested/<group>' labels are long
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, 'routing.png'), dpi=100)
     plt.close(fig)
