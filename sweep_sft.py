@@ -3,6 +3,7 @@ The α sweep of the README: train_sft.py for each α, plus a single adapter (M=1
 then one Markdown table of their reports.
 
     python sweep_sft.py                                  # α in {0, 0.25, 0.5, 1, 2} and M=1
+    python sweep_sft.py --alpha_ramp_iters=0             # the README's table: no α ramp
     python sweep_sft.py --alphas=0,1 --max_iters=100     # any train_sft.py key passes through
 
 Each run writes its own out_dir (out/sweep/alpha_<α>, out/sweep/single) with
@@ -29,8 +30,8 @@ def table(rows):
     """Markdown table of (label, report) rows; null metrics print as '–'."""
     lines = ['| run | ' + ' | '.join(COLUMNS) + ' |', '|---' * (len(COLUMNS) + 1) + '|']
     for label, report in rows:
-        cells = ['–' if report[c] is None else f'{report[c]:.3f}' if isinstance(report[c], float) else str(report[c])
-                 for c in COLUMNS]
+        cells = ['–' if report[c] is None else f'{report[c]:.1f}' if c == 'train_seconds'
+                 else f'{report[c]:.3f}' if isinstance(report[c], float) else str(report[c]) for c in COLUMNS]
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 

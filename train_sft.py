@@ -38,8 +38,9 @@ defaults = dict(
     resume=False,           # continue from out_dir/ckpt.pt
     # the ensemble
     n_members=4,
-    alpha=1.0,              # 0: variational Bayes (every member fits everything); 1: predictive mixture
-    alpha_ramp_iters=0,     # raise alpha linearly from 0 over these first iters (0: no ramp), see alpha_at
+    alpha=2.0,              # 0: variational Bayes (every member fits everything); 1: predictive mixture;
+                            # > 1 leans to winner-takes-all. Why 2 is the default: README, "Choosing alpha"
+    alpha_ramp_iters=250,   # raise alpha linearly from 0 over these first iters (0: no ramp), see alpha_at
     lora_rank=8,
     lora_alpha=16.0,        # LoRA scaling is lora_alpha / lora_rank
     sigma_p=1.0,            # prior N(0, sigma_p^2) on the LoRA parameters
