@@ -191,6 +191,12 @@ def epistemic_per_token(scores):
     return scores['epistemic'] / scores['n_tokens'].clamp(min=1)
 
 
+def rescaled_epistemic(model, tokenizer, rows, config):
+    """epistemic_per_token of every row under the ensemble, min-max rescaled to [0, 1], (N,): UAL's u_i."""
+    score = epistemic_per_token(score_rows(model, tokenizer, rows, config))
+    return (score - score.min()) / (score.max() - score.min()).clamp_min(1e-12)
+
+
 def per_prompt_mean(scores, rows):
     """Average a per-row score over rows that share a prompt: {prompt: mean score}."""
     sums = {}
