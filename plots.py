@@ -104,3 +104,26 @@ def dpo_plots(out_dir, margins_by_group, routing):
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, 'routing.png'), dpi=100)
     plt.close(fig)
+
+
+def comparison_plots(out_dir, results):
+    """Write reliability.png and uncertainty.png: one panel per method, side by side.
+
+    results: [(label, readouts)], readouts as filled by evaluate.sft_report.
+    """
+    figures = dict(reliability=lambda ax, r: reliability_diagram(ax, r['scores']['token_confidence'],
+                                                                 r['scores']['token_correct']),
+                   uncertainty=lambda ax, r: uncertainty_histograms(ax, r['by_kind']))
+    n_cols = min(4, len(results))
+    n_rows = -(-len(results) // n_cols)
+    for name, draw in figures.items():
+        fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 3.4 * n_rows), squeeze=False)
+        for ax, (label, readouts) in zip(axes.flat, results):
+            draw(ax, readouts)
+            ax.set_title(label, fontsize=9)
+            ax.xaxis.label.set_fontsize(8)
+        for ax in axes.flat[len(results):]:
+            ax.axis('off')
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, f'{name}.png'), dpi=90)
+        plt.close(fig)

@@ -150,11 +150,12 @@ def resume_from(ckpt_path, model, optimizer, config):
     return ckpt['iter'], ckpt['history']
 
 
-def train(config, lr_schedule=learning_rate, on_step=None):
+def train(config, lr_schedule=learning_rate, on_step=None, readouts=None):
     """Train the ensemble per config; returns (model, tokenizer, report dict).
 
     lr_schedule(it, config) gives each step's learning rate; on_step(done, model), when
-    given, runs after every optimizer step (swag.py collects its moments there).
+    given, runs after every optimizer step (swag.py collects its moments there);
+    readouts is passed on to evaluate.sft_report.
     """
     check_alpha(config['alpha'])
     torch.manual_seed(config['seed'])
@@ -210,7 +211,7 @@ def train(config, lr_schedule=learning_rate, on_step=None):
             save_checkpoint(ckpt_path, model, optimizer, done, config, history)
     train_seconds = time.time() - t_start
 
-    report = sft_report(model, tokenizer, test_rows, ood_rows, config, history)
+    report = sft_report(model, tokenizer, test_rows, ood_rows, config, history, readouts)
     report['train_seconds'] = round(train_seconds, 1)
     with open(os.path.join(config['out_dir'], 'report.json'), 'w') as f:
         json.dump(report, f, indent=2)
