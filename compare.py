@@ -17,6 +17,7 @@ last swag_fraction of the steps, then swag_lr held constant (where SWAG collects
 report.json and plots go to compare_dir/<method>/; results.json holds all the reports.
 """
 import json
+import math
 import os
 import sys
 import time
@@ -43,7 +44,8 @@ defaults = train_sft.defaults | dict(
 )
 
 COLUMNS = ('accuracy_consistent', 'accuracy_high_entropy', 'accuracy_conflicting', 'nll', 'nll_high_entropy',
-           'ece', 'brier', 'specialisation', 'coherence', 'auroc_conflict', 'auroc_ood', 'train_seconds')
+           'nll_sequence', 'ece', 'brier', 'specialisation', 'coherence', 'auroc_conflict', 'auroc_ood',
+           'train_seconds')
 SWAG_OF = {'map': 'swag', 'deep_ensemble': 'multiswag'}   # the rows read off another run's iterates
 
 
@@ -66,15 +68,23 @@ def method_config(config, name, overrides):
 
 
 def table_metrics(model, tokenizer, test_rows, readouts, config):
-    """What the table needs beyond sft_report: greedy accuracy on conflicting prompts, NLL on high-entropy ones."""
+    """What the table needs beyond sft_report: greedy accuracy on conflicting prompts, NLL on high-entropy ones,
+    and the NLL per token of the sequence-level mixture (1/M) sum_m p_m(y | x), the predictive alpha = 1 trains.
+
+    sft_report's nll averages the members' next-token distributions with equal weights at every token;
+    the sequence-level mixture instead reweights members by how well they explain the response so far.
+    """
     conflicting = [row for row in test_rows if row.get('kind') == 'conflicting']
     scores = readouts['scores']
+    n_members = scores['logp'].shape[0]
+    mixture_logp = torch.logsumexp(scores['logp'], dim=0) - math.log(n_members)          # (N,)
     is_high_entropy = torch.tensor([row.get('kind') == 'high_entropy' for row in test_rows])
     token_mask = is_high_entropy.repeat_interleave(scores['n_tokens'])     # rows' tokens lie consecutively
     token_scores = {key: scores[key][token_mask] for key in ('token_confidence', 'token_correct', 'token_true_prob')}
     model.eval()
     return dict(accuracy_conflicting=greedy_accuracy(model, tokenizer, conflicting, config) if conflicting else None,
-                nll_high_entropy=calibration(token_scores)['nll'] if token_mask.any() else None)
+                nll_high_entropy=calibration(token_scores)['nll'] if token_mask.any() else None,
+                nll_sequence=-mixture_logp.sum().item() / scores['n_tokens'].sum().item())
 
 
 def swag_ensemble(config, source, swags):
@@ -128,8 +138,7 @@ def compare(config):
         f.write(table(rows, COLUMNS) + '\n')
     with open(os.path.join(config['compare_dir'], 'results.json'), 'w') as f:
         json.dump(dict(rows), f, indent=2)
-    plots.comparison_plots(config['compare_dir'], [(f"{label}\nECE {report['ece']:.3f}", readouts)
-                                                   for label, report, readouts in results])
+    plots.comparison_plots(config['compare_dir'], results)
     return rows
 
 

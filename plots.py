@@ -107,22 +107,28 @@ def dpo_plots(out_dir, margins_by_group, routing):
 
 
 def comparison_plots(out_dir, results):
-    """Write reliability.png and uncertainty.png: one panel per method, side by side.
+    """Write reliability.png (every method) and uncertainty.png (methods with more than one member), side by side.
 
-    results: [(label, readouts)], readouts as filled by evaluate.sft_report.
+    results: [(label, report, readouts)], report and readouts as filled by evaluate.sft_report.
+    A single adapter has no epistemic uncertainty (mutual information 0), so it gets no histogram.
     """
-    figures = dict(reliability=lambda ax, r: reliability_diagram(ax, r['scores']['token_confidence'],
-                                                                 r['scores']['token_correct']),
-                   uncertainty=lambda ax, r: uncertainty_histograms(ax, r['by_kind']))
-    n_cols = min(4, len(results))
-    n_rows = -(-len(results) // n_cols)
-    for name, draw in figures.items():
+    def reliability(ax, label, report, readouts):
+        reliability_diagram(ax, readouts['scores']['token_confidence'], readouts['scores']['token_correct'])
+        ax.set_title(f"{label}\nECE {report['ece']:.3f}", fontsize=9)
+
+    def uncertainty(ax, label, report, readouts):
+        uncertainty_histograms(ax, readouts['by_kind'])
+        ax.set_title(label, fontsize=9)
+
+    ensembles = [result for result in results if result[1]['n_members'] > 1]
+    for name, draw, panels in (('reliability', reliability, results), ('uncertainty', uncertainty, ensembles)):
+        n_cols = min(4, len(panels))
+        n_rows = -(-len(panels) // n_cols)
         fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 3.4 * n_rows), squeeze=False)
-        for ax, (label, readouts) in zip(axes.flat, results):
-            draw(ax, readouts)
-            ax.set_title(label, fontsize=9)
+        for ax, panel in zip(axes.flat, panels):
+            draw(ax, *panel)
             ax.xaxis.label.set_fontsize(8)
-        for ax in axes.flat[len(results):]:
+        for ax in axes.flat[len(panels):]:
             ax.axis('off')
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, f'{name}.png'), dpi=90)

@@ -72,6 +72,7 @@ def test_single_adapter_rows_have_no_epistemic_uncertainty(run):
         if "(M=1)" in label:
             assert report["auroc_conflict"] == 0.5 and report["auroc_ood"] == 0.5, label
             assert report["specialisation"] == 0.0, label
+            assert report["nll_sequence"] == pytest.approx(report["nll"], rel=1e-5), label  # nothing to mix
 
 
 def test_high_entropy_nll_matches_the_saved_map_adapter_scored_alone(run):
@@ -84,6 +85,20 @@ def test_high_entropy_nll_matches_the_saved_map_adapter_scored_alone(run):
     scores = score_rows(model, data.get_tokenizer(tokenizer_name), high_entropy, map_config)
     expected = -scores["logp"].sum().item() / scores["n_tokens"].sum().item()   # per-token NLL, M = 1
     assert dict(rows)[LABELS[0]]["nll_high_entropy"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_sequence_nll_of_the_saved_ensemble_by_a_python_loop(run):
+    """nll_sequence = -sum_i log((1/M) sum_m p_m(y_i | x_i)) / (response tokens), from the saved deep ensemble."""
+    config, rows, out = run
+    ensemble_config = compare.method_config(config, "deep_ensemble", dict(alpha=0.0))
+    model, tokenizer_name = train_sft.load_base(ensemble_config)
+    load_adapters(model, str(out / "deep_ensemble" / "ckpt.pt"))
+    model.eval()
+    scores = score_rows(model, data.get_tokenizer(tokenizer_name), train_sft.load_rows(config)[2], ensemble_config)
+    total = math.fsum(math.log(math.fsum(math.exp(v) for v in column) / len(column))
+                      for column in scores["logp"].double().t().tolist())
+    expected = -total / scores["n_tokens"].sum().item()
+    assert dict(rows)[LABELS[2]]["nll_sequence"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_ual_smoothing_from_the_data_and_from_the_alpha_one_ensemble(run):
