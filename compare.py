@@ -13,8 +13,9 @@ Six training runs make the eight rows; SWAG and MultiSWAG are read off other run
   UAL (data)      one adapter, label smoothing from each training row's `uncertainty`
   UAL (ensemble)  one adapter, label smoothing from the alpha = 1 ensemble's epistemic uncertainty
 Every run follows swag.swag_learning_rate: warm-up and cosine decay to swag_lr by the start of the
-last swag_fraction of the steps, then swag_lr held constant (where SWAG collects). Each method's
-report.json and plots go to compare_dir/<method>/; results.json holds all the reports.
+last swag_fraction of the steps, then swag_lr held constant (where SWAG collects). Every row's plots
+go to compare_dir/<name>/ (with report.json and ckpt.pt for the six trained ones); results.json holds
+all eight reports, table.md the table.
 """
 import json
 import math

@@ -122,8 +122,8 @@ def comparison_plots(out_dir, results):
 
     ensembles = [result for result in results if result[1]['n_members'] > 1]
     for name, draw, panels in (('reliability', reliability, results), ('uncertainty', uncertainty, ensembles)):
-        n_cols = min(4, len(panels))
-        n_rows = -(-len(panels) // n_cols)
+        n_rows = -(-len(panels) // 4)                              # at most 4 panels a row, rows filled evenly
+        n_cols = -(-len(panels) // n_rows)
         fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 3.4 * n_rows), squeeze=False)
         for ax, panel in zip(axes.flat, panels):
             draw(ax, *panel)
