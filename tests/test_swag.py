@@ -114,8 +114,9 @@ def test_draws_run_as_one_batched_ensemble_equal_to_separate_adapters():
     swags = []
     for seed in (1, 2):                                               # MultiSWAG: two trained members
         swag = SWAG(member_views(single, 0), max_rank=3)
-        for _ in range(4):
-            load_members(single, [torch.randn(swag.mean.numel(), generator=torch.Generator().manual_seed(seed + _))])
+        for step in range(4):                                         # four made-up iterates of the member
+            iterate = torch.randn(swag.mean.numel(), generator=torch.Generator().manual_seed(10 * seed + step))
+            load_members(single, [iterate])
             swag.collect()
         swags.append(swag)
     ensemble = copy.deepcopy(base)
