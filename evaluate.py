@@ -191,6 +191,12 @@ def epistemic_per_token(scores):
     return scores['epistemic'] / scores['n_tokens'].clamp(min=1)
 
 
+def rescaled_epistemic(model, tokenizer, rows, config):
+    """epistemic_per_token of every row under the ensemble, min-max rescaled to [0, 1], (N,): UAL's u_i."""
+    score = epistemic_per_token(score_rows(model, tokenizer, rows, config))
+    return (score - score.min()) / (score.max() - score.min()).clamp_min(1e-12)
+
+
 def per_prompt_mean(scores, rows):
     """Average a per-row score over rows that share a prompt: {prompt: mean score}."""
     sums = {}
@@ -200,8 +206,12 @@ def per_prompt_mean(scores, rows):
     return {prompt: total / count for prompt, (total, count) in sums.items()}
 
 
-def sft_report(model, tokenizer, test_rows, ood_rows, config, history):
-    """The SFT report (METHOD.md §6), printed, plotted and returned as a dict; null where the data can't tell."""
+def sft_report(model, tokenizer, test_rows, ood_rows, config, history, readouts=None):
+    """The SFT report (METHOD.md §6), printed, plotted and returned as a dict; null where the data can't tell.
+
+    A dict passed as readouts receives what the plots are drawn from: the test rows'
+    score_rows dict under 'scores' and the per-prompt epistemic scores by kind under 'by_kind'.
+    """
     model.eval()
     scores = score_rows(model, tokenizer, test_rows, config)
     kinds = [row.get('kind', 'consistent') for row in test_rows]
@@ -230,5 +240,7 @@ def sft_report(model, tokenizer, test_rows, ood_rows, config, history):
     report |= calibration(scores)
     report['epistemic_by_kind'] = {kind: sum(v) / len(v) for kind, v in by_kind.items() if v}
     plots.sft_plots(config['out_dir'], history, report, by_kind, scores)
+    if readouts is not None:
+        readouts.update(scores=scores, by_kind=by_kind)
     model.train()
     return report

@@ -104,3 +104,32 @@ def dpo_plots(out_dir, margins_by_group, routing):
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, 'routing.png'), dpi=100)
     plt.close(fig)
+
+
+def comparison_plots(out_dir, results):
+    """Write reliability.png (every method) and uncertainty.png (methods with more than one member), side by side.
+
+    results: [(label, report, readouts)], report and readouts as filled by evaluate.sft_report.
+    A single adapter has no epistemic uncertainty (mutual information 0), so it gets no histogram.
+    """
+    def reliability(ax, label, report, readouts):
+        reliability_diagram(ax, readouts['scores']['token_confidence'], readouts['scores']['token_correct'])
+        ax.set_title(f"{label}\nECE {report['ece']:.3f}", fontsize=9)
+
+    def uncertainty(ax, label, report, readouts):
+        uncertainty_histograms(ax, readouts['by_kind'])
+        ax.set_title(label, fontsize=9)
+
+    ensembles = [result for result in results if result[1]['n_members'] > 1]
+    for name, draw, panels in (('reliability', reliability, results), ('uncertainty', uncertainty, ensembles)):
+        n_rows = -(-len(panels) // 4)                              # at most 4 panels a row, rows filled evenly
+        n_cols = -(-len(panels) // n_rows)
+        fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 3.4 * n_rows), squeeze=False)
+        for ax, panel in zip(axes.flat, panels):
+            draw(ax, *panel)
+            ax.xaxis.label.set_fontsize(8)
+        for ax in axes.flat[len(panels):]:
+            ax.axis('off')
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, f'{name}.png'), dpi=90)
+        plt.close(fig)

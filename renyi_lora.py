@@ -5,7 +5,8 @@ Every loss here sees the per-member, per-example log-likelihood `logp` of shape
 (M, B): M ensemble members (LoRA adapters), B examples. For SFT that is the
 summed log-probability of the response tokens (`sequence_logprobs`); for DPO it
 is the Bradley-Terry log-likelihood of the preference. Nothing below knows
-which one it gets. See METHOD.md §1-2 and §5-6 for the equations.
+which one it gets. The one exception is UAL's label_smoothed_nll, which needs
+the whole token distributions. See METHOD.md §1-2 and §5-6 for the equations.
 """
 import math
 
@@ -125,6 +126,30 @@ def responsibilities(logp, alpha):
     """
     alpha = check_alpha(alpha)
     return torch.softmax(alpha * logp, dim=0)
+
+
+def label_smoothed_nll(logits, labels, eps):
+    """Uncertainty-aware label smoothing, UAL (METHOD.md §5): each example's smoothed response NLL.
+
+        loss_i = sum_t [ (1 - eps_i) * (-log p(y_t)) + eps_i * mean_v (-log p(v)) ]   over response tokens
+
+    The target of every token is (1 - eps_i) on the true token plus eps_i spread
+    evenly over the vocabulary, so an uncertain example (large eps_i) pulls the
+    model less firmly towards its one response. logits: (M, B, T, V) or (B, T, V);
+    labels: (B, T) as in sequence_logprobs; eps: (B,) -> (M, B) or (B,).
+    eps = 0 gives -sequence_logprobs; eps = 1, the cross-entropy to the uniform distribution.
+    """
+    mask = labels[..., 1:] != -100                                                     # (B, T-1)
+    uniform = -(logits[..., :-1, :].float().log_softmax(-1).mean(-1) * mask).sum(-1)   # (..., B)
+    return (1 - eps) * -sequence_logprobs(logits, labels) + eps * uniform
+
+
+def ual_smoothing(uncertainty, eps_min, eps_max):
+    """UAL's map from an example's uncertainty u_i in [0, 1] to its label smoothing (linear; the paper's is not public).
+
+        eps_i = eps_min + (eps_max - eps_min) * u_i          (N,) -> (N,)
+    """
+    return eps_min + (eps_max - eps_min) * uncertainty
 
 
 def prior_penalty(lora_params, n_train, n_members, sigma_p=1.0, weight=1.0):

@@ -26,12 +26,12 @@ def runs(alphas, n_members):
     yield 'single', dict(alpha=1.0, n_members=1)  # with one member every α gives the same loss
 
 
-def table(rows):
+def table(rows, columns=COLUMNS):
     """Markdown table of (label, report) rows; null metrics print as '–'."""
-    lines = ['| run | ' + ' | '.join(COLUMNS) + ' |', '|---' * (len(COLUMNS) + 1) + '|']
+    lines = ['| run | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
     for label, report in rows:
         cells = ['–' if report[c] is None else f'{report[c]:.1f}' if c == 'train_seconds'
-                 else f'{report[c]:.3f}' if isinstance(report[c], float) else str(report[c]) for c in COLUMNS]
+                 else f'{report[c]:.3f}' if isinstance(report[c], float) else str(report[c]) for c in columns]
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 

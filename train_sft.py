@@ -4,6 +4,7 @@
     python train_sft.py                         # the benchmark, M=4 members, default alpha
     python train_sft.py --alpha=0 --out_dir=out/sft_vb
     python train_sft.py --data=mine.jsonl --val_data=mine_val.jsonl
+    python train_sft.py --n_members=1 --ual_source=data --out_dir=out/sft_ual   # UAL label smoothing
 
 Each step: one forward pass of all M members on a batch, the per-member sequence
 log-likelihoods logp (M, B), and the loss renyi_loss(logp, alpha) + prior_penalty.
@@ -20,11 +21,11 @@ import torch
 
 import data
 from config import parse_args
-from evaluate import routing_matrix, score_rows, sft_report
-from lora import add_lora, lora_parameters, lora_state_dict
+from evaluate import rescaled_epistemic, routing_matrix, score_rows, sft_report
+from lora import add_lora, load_adapters, lora_parameters, lora_state_dict
 from model import GPT, GPTConfig
 from pretrain import learning_rate, save_atomically
-from renyi_lora import check_alpha, prior_penalty, renyi_loss, sequence_logprobs
+from renyi_lora import check_alpha, label_smoothed_nll, prior_penalty, renyi_loss, sequence_logprobs, ual_smoothing
 
 defaults = dict(
     # data: '' means the built-in benchmark of data.py; otherwise JSONL files of {"prompt", "response"}
@@ -45,6 +46,11 @@ defaults = dict(
     lora_alpha=16.0,        # LoRA scaling is lora_alpha / lora_rank
     sigma_p=1.0,            # prior N(0, sigma_p^2) on the LoRA parameters
     prior_weight=1.0,       # lambda; 1 is the exact Bayesian weight
+    # UAL (METHOD.md §5): label smoothing eps_i = ual_eps_min + (ual_eps_max - ual_eps_min) * u_i per example
+    ual_source='',          # '' off; 'data': u_i is each row's `uncertainty`; 'ensemble': ual_teacher's epistemic one
+    ual_teacher='out/sft/ckpt.pt',  # a trained ensemble (train_sft.py's checkpoint), for ual_source=ensemble
+    ual_eps_min=0.0,
+    ual_eps_max=0.3,
     # optimisation
     max_iters=500,
     batch_size=32,
@@ -103,6 +109,26 @@ def alpha_at(it, config):
     return config['alpha'] * it / config['alpha_ramp_iters']
 
 
+def ual_label_smoothing(config, train_rows, tokenizer):
+    """UAL's label smoothing eps_i of every training row, (N,), from its uncertainty u_i; None when UAL is off."""
+    source = config['ual_source']
+    if source == '':
+        return None
+    if source == 'data':
+        missing = [i for i, row in enumerate(train_rows) if row.get('uncertainty') is None]
+        if missing:
+            raise ValueError(f"ual_source=data: {len(missing)} training rows have no 'uncertainty' "
+                             f"(first: row {missing[0]})")
+        uncertainty = torch.tensor([float(row['uncertainty']) for row in train_rows])
+    elif source == 'ensemble':  # the ensemble plays the UAL paper's "more capable model"
+        teacher, _ = load_base(config)
+        load_adapters(teacher, config['ual_teacher'])
+        uncertainty = rescaled_epistemic(teacher.to(config['device']), tokenizer, train_rows, config)
+    else:
+        raise ValueError(f"ual_source must be '', 'data' or 'ensemble', got {source!r}")
+    return ual_smoothing(uncertainty, config['ual_eps_min'], config['ual_eps_max'])
+
+
 def save_checkpoint(path, model, optimizer, it, config, history):
     """Adapters, optimizer, step, config and RNG state, written to a temp file and renamed."""
     state = dict(adapters=lora_state_dict(model), lora_config=model.lora_config, optimizer=optimizer.state_dict(),
@@ -125,8 +151,13 @@ def resume_from(ckpt_path, model, optimizer, config):
     return ckpt['iter'], ckpt['history']
 
 
-def train(config):
-    """Train the ensemble per config; returns (model, tokenizer, report dict)."""
+def train(config, lr_schedule=learning_rate, on_step=None, readouts=None):
+    """Train the ensemble per config; returns (model, tokenizer, report dict).
+
+    lr_schedule(it, config) gives each step's learning rate; on_step(done, model), when
+    given, runs after every optimizer step (swag.py collects its moments there);
+    readouts is passed on to evaluate.sft_report.
+    """
     check_alpha(config['alpha'])
     torch.manual_seed(config['seed'])
     device = config['device']
@@ -136,6 +167,7 @@ def train(config):
     train_rows, val_rows, test_rows, ood_rows = load_rows(config)
     block_size = model.config.block_size
     train_set = data.encode_sft(train_rows, tokenizer, block_size, truncate=config['truncate'])
+    smoothing = ual_label_smoothing(config, train_rows, tokenizer)                    # (N,) or None
     params = add_lora(model, config['n_members'], config['lora_rank'], config['lora_alpha'])
     model.to(device)
     optimizer = torch.optim.AdamW(params, lr=config['learning_rate'], weight_decay=config['weight_decay'])
@@ -151,15 +183,21 @@ def train(config):
     last_logged = start
     for it in range(start, config['max_iters']):
         for group in optimizer.param_groups:
-            group['lr'] = learning_rate(it, config)
-        idx, labels = (t.to(device) for t in data.sft_batch(train_set, next(batches), tokenizer.eot_token))
-        logp = sequence_logprobs(model(idx), labels)                       # (M, B)
+            group['lr'] = lr_schedule(it, config)
+        batch = next(batches)
+        idx, labels = (t.to(device) for t in data.sft_batch(train_set, batch, tokenizer.eot_token))
+        if smoothing is None:
+            logp = sequence_logprobs(model(idx), labels)                   # (M, B)
+        else:  # UAL: the smoothed NLL takes the place of -log p_m(x)
+            logp = -label_smoothed_nll(model(idx), labels, smoothing[batch].to(device))
         loss = renyi_loss(logp, alpha_at(it, config)) + prior_penalty(
             params, len(train_set), config['n_members'], config['sigma_p'], config['prior_weight'])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config['grad_clip'])
         optimizer.step()
+        if on_step is not None:
+            on_step(it + 1, model)
         history['iter'].append(it)
         history['loss'].append(loss.item())
         done = it + 1
@@ -174,7 +212,7 @@ def train(config):
             save_checkpoint(ckpt_path, model, optimizer, done, config, history)
     train_seconds = time.time() - t_start
 
-    report = sft_report(model, tokenizer, test_rows, ood_rows, config, history)
+    report = sft_report(model, tokenizer, test_rows, ood_rows, config, history, readouts)
     report['train_seconds'] = round(train_seconds, 1)
     with open(os.path.join(config['out_dir'], 'report.json'), 'w') as f:
         json.dump(report, f, indent=2)

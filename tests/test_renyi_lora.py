@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
-from renyi_lora import (auroc, ece, expected_entropy, mutual_information, predictive_entropy,
+import torch.nn.functional as F
+
+from renyi_lora import (auroc, ece, expected_entropy, label_smoothed_nll, mutual_information, predictive_entropy,
                         predictive_loss, prior_penalty, renyi_loss, responsibilities,
-                        sequence_logprobs, vb_loss)
+                        sequence_logprobs, ual_smoothing, vb_loss)
 
 
 def reference_l_alpha(column, alpha):
@@ -219,6 +221,51 @@ def test_sequence_logprobs_returns_float32(dtype):
     assert out.dtype == torch.float32
     expected = torch.tensor(slow_sequence_logprobs(logits, labels))  # from the same (rounded) logits
     torch.testing.assert_close(out.double(), expected.double(), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# UAL: per-example label smoothing
+
+def torch_smoothed_cross_entropy(logits, labels, eps):
+    """PyTorch's own label smoothing, one example at a time: F.cross_entropy(label_smoothing=eps_i), summed."""
+    losses = []
+    for b in range(labels.shape[0]):
+        targets = labels[b, 1:]
+        keep = targets != -100
+        if not keep.any():
+            losses.append(torch.zeros((), dtype=logits.dtype))
+            continue
+        losses.append(F.cross_entropy(logits[b, :-1][keep], targets[keep], reduction="sum",
+                                      label_smoothing=float(eps[b])))
+    return torch.stack(losses)                                   # (B,)
+
+
+def test_label_smoothing_zero_is_the_nll_and_one_is_the_uniform_cross_entropy():
+    logits, labels = tiny_batch()
+    torch.testing.assert_close(label_smoothed_nll(logits, labels, torch.zeros(3)), -sequence_logprobs(logits, labels))
+    uniform = torch.zeros(2, 3)                                  # sum over response tokens of mean_v -log p(v)
+    for m in range(2):
+        for b in range(3):
+            for t in range(5):
+                if labels[b, t + 1] != -100:
+                    uniform[m, b] += -logits[m, b, t].log_softmax(-1).mean().item()
+    torch.testing.assert_close(label_smoothed_nll(logits, labels, torch.ones(3)), uniform, rtol=0, atol=1e-5)
+
+
+def test_per_example_smoothing_matches_torch_label_smoothing_example_by_example():
+    logits, labels = tiny_batch()
+    eps = torch.tensor([0.0, 0.3, 0.9])
+    out = label_smoothed_nll(logits, labels, eps)                # (M, B)
+    for m in range(2):
+        torch.testing.assert_close(out[m].double(), torch_smoothed_cross_entropy(logits[m], labels, eps), rtol=0,
+                                   atol=1e-5)
+    # each example really gets its own eps: swapping two of them changes exactly those two losses
+    swapped = label_smoothed_nll(logits, labels, eps[[1, 0, 2]])
+    assert (swapped[:, :2] - out[:, :2]).abs().min() > 1e-3 and torch.equal(swapped[:, 2], out[:, 2])
+
+
+def test_ual_smoothing_is_the_linear_map():
+    torch.testing.assert_close(ual_smoothing(torch.tensor([0.0, 0.5, 1.0]), 0.1, 0.3), torch.tensor([0.1, 0.2, 0.3]))
 
 
 # ---------------------------------------------------------------------------

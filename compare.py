@@ -1,0 +1,157 @@
+"""
+The methods of the three source papers side by side: one benchmark split, one step budget, one seed.
+
+    python compare.py                        # -> out/compare/table.md, reliability.png, uncertainty.png
+    python compare.py --max_iters=100        # any train_sft.py key applies to every method
+
+Seven training runs make the nine rows; SWAG and MultiSWAG are read off other runs' iterates.
+Every run takes train_sft.py's defaults, including the α ramp (alpha_ramp_iters):
+  MAP LoRA        one adapter (M = 1), its last iterate
+  SWAG            S draws from the Gaussian of the MAP run's iterates (swag.py), run as an S-member ensemble
+  deep ensemble   M adapters, alpha = 0: each member fits every example on its own
+  MultiSWAG       S / M draws from the Gaussian of each deep-ensemble member's iterates
+  α-Rényi         M adapters, alpha = 0.5, 1 and 2 (2 is train_sft.py's default)
+  UAL (data)      one adapter, label smoothing from each training row's `uncertainty`
+  UAL (ensemble)  one adapter, label smoothing from the alpha = 1 ensemble's epistemic uncertainty
+Every run follows swag.swag_learning_rate: warm-up and cosine decay to swag_lr by the start of the
+last swag_fraction of the steps, then swag_lr held constant (where SWAG collects). Every row's plots
+go to compare_dir/<name>/ (with report.json and ckpt.pt for the seven trained ones); results.json holds
+all nine reports, table.md the table.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+import plots
+import train_sft
+from config import parse_args
+from evaluate import calibration, greedy_accuracy, sft_report
+from lora import add_lora
+from swag import SWAGCollector, sample_members, swag_learning_rate
+from sweep_sft import table
+
+defaults = train_sft.defaults | dict(
+    compare_dir='out/compare',
+    swag_fraction=0.4,       # SWAG collects over this last share of max_iters, at the constant rate swag_lr
+    swag_lr=1e-3,
+    swag_every=5,            # steps between collections
+    swag_rank=20,            # K: deviations kept for the low-rank part of the covariance
+    swag_scale=0.5,          # 0 would give SWA, the mean alone
+    swag_samples=16,         # S: draws evaluated as one S-member ensemble (MultiSWAG: S / M from each member)
+    samples_per_prompt=16,   # coherence: sampled responses per conflicting prompt, split over the members
+)
+
+COLUMNS = ('accuracy_consistent', 'accuracy_high_entropy', 'accuracy_conflicting', 'nll', 'nll_high_entropy',
+           'nll_sequence', 'ece', 'brier', 'specialisation', 'coherence', 'auroc_conflict', 'auroc_ood',
+           'train_seconds')
+SWAG_OF = {'map': 'swag', 'deep_ensemble': 'multiswag'}   # the rows read off another run's iterates
+
+
+def methods(config):
+    """(name, label, train_sft overrides) of the seven training runs, in the order they must run."""
+    n_members = config['n_members']
+    teacher = os.path.join(config['compare_dir'], 'renyi_1', 'ckpt.pt')
+    return [('map', 'MAP LoRA (M=1)', dict(n_members=1)),
+            ('deep_ensemble', f'deep ensemble (M={n_members}, α=0)', dict(alpha=0.0)),
+            ('renyi_0.5', f'α-Rényi (M={n_members}, α=0.5)', dict(alpha=0.5)),
+            ('renyi_1', f'α-Rényi (M={n_members}, α=1)', dict(alpha=1.0)),
+            ('renyi_2', f'α-Rényi (M={n_members}, α=2)', dict(alpha=2.0)),     # train_sft.py's default
+            ('ual_data', 'UAL, data u (M=1)', dict(n_members=1, ual_source='data')),
+            ('ual_ensemble', 'UAL, ensemble u (M=1)', dict(n_members=1, ual_source='ensemble', ual_teacher=teacher))]
+
+
+def method_config(config, name, overrides):
+    """The train_sft config of one row: its own out_dir, and coherence samples split over its members."""
+    run = config | overrides | dict(out_dir=os.path.join(config['compare_dir'], name))
+    return run | dict(n_samples=max(1, config['samples_per_prompt'] // run['n_members']))
+
+
+def table_metrics(model, tokenizer, test_rows, readouts, config):
+    """What the table needs beyond sft_report: greedy accuracy on conflicting prompts, NLL on high-entropy ones,
+    and the NLL per token of the sequence-level mixture (1/M) sum_m p_m(y | x), the predictive alpha = 1 trains.
+
+    sft_report's nll averages the members' next-token distributions with equal weights at every token;
+    the sequence-level mixture instead reweights members by how well they explain the response so far.
+    """
+    conflicting = [row for row in test_rows if row.get('kind') == 'conflicting']
+    scores = readouts['scores']
+    n_members = scores['logp'].shape[0]
+    mixture_logp = torch.logsumexp(scores['logp'], dim=0) - math.log(n_members)          # (N,)
+    is_high_entropy = torch.tensor([row.get('kind') == 'high_entropy' for row in test_rows])
+    token_mask = is_high_entropy.repeat_interleave(scores['n_tokens'])     # rows' tokens lie consecutively
+    token_scores = {key: scores[key][token_mask] for key in ('token_confidence', 'token_correct', 'token_true_prob')}
+    model.eval()
+    return dict(accuracy_conflicting=greedy_accuracy(model, tokenizer, conflicting, config) if conflicting else None,
+                nll_high_entropy=calibration(token_scores)['nll'] if token_mask.any() else None,
+                nll_sequence=-mixture_logp.sum().item() / scores['n_tokens'].sum().item())
+
+
+def swag_ensemble(config, source, swags):
+    """A fresh base carrying as many SWAG draws as fit evenly in swag_samples, one draw per member."""
+    model, _ = train_sft.load_base(config)
+    lora = source.lora_config
+    n_draws = config['swag_samples'] // len(swags) * len(swags)
+    add_lora(model, n_draws, lora['rank'], lora['lora_alpha'], lora['targets'], lora['layers'])
+    sample_members(model.to(config['device']), swags, config['swag_scale'],
+                   torch.Generator().manual_seed(config['seed']))
+    return model
+
+
+def swag_row(name, run, source, swags, tokenizer, test_rows, ood_rows):
+    """(label, report, readouts) of the SWAG draws of a finished run."""
+    model = swag_ensemble(run, source, swags)
+    label = (f'SWAG (S={model.n_members}, from MAP)' if name == 'swag' else
+             f'MultiSWAG ({len(swags)}×{model.n_members // len(swags)}, from deep ens.)')
+    swag_run = method_config(run, name, dict(n_members=model.n_members))
+    os.makedirs(swag_run['out_dir'], exist_ok=True)
+    history = torch.load(os.path.join(run['out_dir'], 'ckpt.pt'), weights_only=False)['history']
+    readouts = {}
+    report = sft_report(model, tokenizer, test_rows, ood_rows, swag_run, history, readouts)
+    report |= table_metrics(model, tokenizer, test_rows, readouts, swag_run)
+    return label, report, readouts
+
+
+def compare(config):
+    """Train and evaluate every method; writes table.md, results.json and the plots; returns [(label, report)]."""
+    config = config | dict(swag_start=int(round((1 - config['swag_fraction']) * config['max_iters'])))
+    os.makedirs(config['compare_dir'], exist_ok=True)
+    _, _, test_rows, ood_rows = train_sft.load_rows(config)
+    results = []                                                          # (label, report, readouts)
+    for name, label, overrides in methods(config):
+        run = method_config(config, name, overrides)
+        print(f"== {label}", flush=True)
+        # SWAG from the MAP run, MultiSWAG from the deep-ensemble run: their iterates, collected on the way
+        collector = SWAGCollector(config['swag_start'], config['swag_every'], config['swag_rank']) if (
+            name in SWAG_OF) else None
+        readouts = {}
+        model, tokenizer, report = train_sft.train(run, swag_learning_rate, collector, readouts)
+        report |= table_metrics(model, tokenizer, test_rows, readouts, run)
+        results.append((label, report, readouts))
+        if collector is not None:
+            label, swag_report, swag_readouts = swag_row(SWAG_OF[name], run, model, collector.swags, tokenizer,
+                                                         test_rows, ood_rows)
+            swag_report['train_seconds'] = report['train_seconds']
+            results.append((label, swag_report, swag_readouts))
+    rows = [(label, report) for label, report, _ in results]
+    with open(os.path.join(config['compare_dir'], 'table.md'), 'w') as f:
+        f.write(table(rows, COLUMNS) + '\n')
+    with open(os.path.join(config['compare_dir'], 'results.json'), 'w') as f:
+        json.dump(dict(rows), f, indent=2)
+    plots.comparison_plots(config['compare_dir'], results)
+    return rows
+
+
+def main(argv=None):
+    config = parse_args(defaults, argv)
+    start = time.time()
+    rows = compare(config)
+    print(table(rows, COLUMNS))
+    print(f"compare.py: {len(rows)} methods in {time.time() - start:.0f}s")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
