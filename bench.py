@@ -32,8 +32,9 @@ from model import GPT, GPTConfig
 from renyi_lora import renyi_loss, sequence_logprobs
 
 defaults = dict(
-    n_layer=pretrain.defaults['n_layer'],   # the model size of out/base.pt; weights are random (speed
-    n_head=pretrain.defaults['n_head'],     # does not depend on their values)
+    # the size of pretrain.py's base, with random weights: speed does not depend on their values
+    n_layer=pretrain.defaults['n_layer'],
+    n_head=pretrain.defaults['n_head'],
     n_embd=pretrain.defaults['n_embd'],
     vocab_size=1024,                        # renyi-bpe's vocabulary
     n_members=4,
@@ -50,22 +51,32 @@ defaults = dict(
 )
 
 
-def median_seconds(fn, n_warmup, n_timed):
-    """Median wall time of fn() over n_timed calls, after n_warmup untimed ones."""
+def timings(fns, n_warmup, n_timed):
+    """{name: [seconds of each of n_timed calls]} for a dict of closures, after n_warmup untimed rounds.
+
+    The closures take turns, so a change in the machine's load during the run hits them all alike.
+    """
     for _ in range(n_warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(n_timed):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_seconds(fns, config):
+    """{name: median seconds of a call} for a dict of closures, timed in turns."""
+    return {name: statistics.median(t) for name, t in timings(fns, config['n_warmup'], config['n_timed']).items()}
 
 
 def matmul_peak(config, n=1024):
-    """FLOP/s of a large fp32 matmul on this machine: the ceiling for the MFU."""
+    """FLOP/s of the fastest of n_timed (n, n) @ (n, n) fp32 matmuls on this machine: the ceiling for the MFU."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n ** 3 / median_seconds(lambda: a @ b, config['n_warmup'], config['n_timed'])
+    return 2 * n ** 3 / min(timings(dict(matmul=lambda: a @ b), config['n_warmup'], config['n_timed'])['matmul'])
 
 
 def ensemble(config, n_members, layers=None):
@@ -74,6 +85,11 @@ def ensemble(config, n_members, layers=None):
                           n_head=config['n_head'], n_embd=config['n_embd']))
     add_lora(model, n_members, config['lora_rank'], lora_alpha=2.0 * config['lora_rank'], layers=layers)
     return model
+
+
+def loss_of(logits, labels):
+    """The α-Rényi loss (alpha = 1) of logits (M, B, T, V): the objective every variant trains."""
+    return renyi_loss(sequence_logprobs(logits, labels), alpha=1.0)
 
 
 def training_step(loss_fn, params):
@@ -96,22 +112,16 @@ def step_variants(config, idx, labels):
     loops = [copy.deepcopy(single) for _ in range(n_members)]
     loop_params = [p for m in loops for p in m.parameters() if p.requires_grad]
 
-    def loop_logp():                                                                     # (M, B)
-        return torch.cat([sequence_logprobs(m(idx), labels) for m in loops])
-
     steps = {
-        'a': training_step(lambda: renyi_loss(sequence_logprobs(batched(idx), labels), 1.0),
+        'a': training_step(lambda: loss_of(batched(idx), labels),
                            [p for p in batched.parameters() if p.requires_grad]),
-        'b': training_step(lambda: renyi_loss(sequence_logprobs(single(wide_idx), wide_labels), 1.0),
+        'b': training_step(lambda: loss_of(single(wide_idx), wide_labels),
                            [p for p in single.parameters() if p.requires_grad]),
-        'c': training_step(lambda: renyi_loss(loop_logp(), 1.0), loop_params),
+        'c': training_step(lambda: loss_of(torch.cat([m(idx) for m in loops]), labels), loop_params),
     }
     params, buffers = torch.func.stack_module_state(loops)       # every tensor gains a leading (M,) axis
-
-    def vmapped_logp():                                                                  # (M, B)
-        forward = lambda p, b: torch.func.functional_call(single, (p, b), (idx,))    # (1, B, T, V)
-        return sequence_logprobs(torch.vmap(forward)(params, buffers)[:, 0], labels)
-    steps['d'] = training_step(lambda: renyi_loss(vmapped_logp(), 1.0),
+    forward = lambda p, b: torch.func.functional_call(single, (p, b), (idx,))            # (1, B, T, V)
+    steps['d'] = training_step(lambda: loss_of(torch.vmap(forward)(params, buffers)[:, 0], labels),
                                [p for p in params.values() if p.requires_grad])
     return batched, steps
 
@@ -120,7 +130,7 @@ def step_flops(model, idx, labels):
     """Matmul FLOPs of one forward and backward of model on idx, as torch counts them."""
     counter = FlopCounterMode(display=False)
     with counter:
-        renyi_loss(sequence_logprobs(model(idx), labels), 1.0).backward()
+        loss_of(model(idx), labels).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -129,28 +139,34 @@ def decode_seconds(config, model):
     """Seconds to decode new_tokens greedily from one prompt: (all members together, one member after another)."""
     prompt = torch.randint(config['vocab_size'], (1, config['prompt_len']))
     members = [merge_member(model, m) for m in range(config['n_members'])]  # plain GPTs: the fastest single path
-    n_warmup, n_timed = 1, max(3, config['n_timed'] // 2)
-    together = median_seconds(lambda: model.generate(prompt, config['new_tokens'], temperature=0), n_warmup, n_timed)
-    apart = median_seconds(lambda: [m.generate(prompt, config['new_tokens'], temperature=0) for m in members],
-                           n_warmup, n_timed)
-    return together, apart
+    times = median_seconds(dict(
+        together=lambda: model.generate(prompt, config['new_tokens'], temperature=0),
+        apart=lambda: [member.generate(prompt, config['new_tokens'], temperature=0) for member in members]), config)
+    return times['together'], times['apart']
 
 
 def trunk_seconds(config, idx, labels):
     """Adapters on the top half: (step with the trunk shared, step without, forward of the frozen half for M members)."""
     n_layer, n_members = config['n_layer'], config['n_members']
     model = ensemble(config, n_members, layers=range(n_layer // 2, n_layer))
-    step = training_step(lambda: renyi_loss(sequence_logprobs(model(idx), labels), 1.0),
-                         [p for p in model.parameters() if p.requires_grad])
-    shared = median_seconds(step, config['n_warmup'], config['n_timed'])
-    model.share_trunk = False
-    unshared = median_seconds(step, config['n_warmup'], config['n_timed'])
+    step = training_step(lambda: loss_of(model(idx), labels), [p for p in model.parameters() if p.requires_grad])
+
+    def step_sharing(share_trunk):
+        model.share_trunk = share_trunk
+        step()
+
     with torch.no_grad():
-        x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(idx.shape[1]))  # (B, T, C)
-        x = x.expand(n_members, *x.shape)                                                   # (M, B, T, C)
-        frozen_half = lambda: [block(x) for block in model.transformer.h[:n_layer // 2]]
-        frozen = median_seconds(frozen_half, config['n_warmup'], config['n_timed'])
-    return shared, unshared, frozen
+        embedded = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(idx.shape[1]))  # (B, T, C)
+        embedded = embedded.expand(n_members, *embedded.shape)                                     # (M, B, T, C)
+
+    @torch.no_grad()
+    def frozen_half():
+        x = embedded
+        for block in model.transformer.h[:n_layer // 2]:
+            x = block(x)
+    times = median_seconds(dict(shared=lambda: step_sharing(True), unshared=lambda: step_sharing(False),
+                                frozen=frozen_half), config)
+    return times['shared'], times['unshared'], times['frozen']
 
 
 def print_profile(step, n_rows=12):
@@ -174,12 +190,12 @@ def main(argv=None):
 
     peak = matmul_peak(config)
     batched, steps = step_variants(config, idx, labels)
-    times = {}
-    for name, step in steps.items():
-        try:
-            times[name] = median_seconds(step, config['n_warmup'], config['n_timed'])
-        except Exception as error:  # torch.func may not cover every op
-            print(f"({name}) failed: {type(error).__name__}: {error}")
+    try:
+        steps['d']()
+    except Exception as error:  # torch.func may not cover every op
+        print(f"(d) does not run: {type(error).__name__}: {error}")
+        del steps['d']
+    times = median_seconds(steps, config)
     flops = step_flops(batched, idx, labels)
     together, apart = decode_seconds(config, batched)
     shared, unshared, frozen = trunk_seconds(config, idx, labels)
@@ -188,7 +204,7 @@ def main(argv=None):
           f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(f"model: {config['n_layer']} layers, n_embd {config['n_embd']}, vocab {config['vocab_size']}; "
           f"M={n_members} adapters of rank {config['lora_rank']}; batch B={batch_size} x T={seq_len} tokens")
-    print(f"matmul peak (fp32, 1024^3): {peak / 1e9:.1f} GFLOP/s\n")
+    print(f"matmul peak (fp32, 1024^3, best of {config['n_timed']}): {peak / 1e9:.1f} GFLOP/s\n")
     print(f"{'training step (fwd + bwd + AdamW)':<46}{'ms':>9}  ratio")
     labels_of = dict(a=f"(a) ensemble, M={n_members} on B",
                      b=f"(b) one adapter on {n_members}*B",
@@ -211,6 +227,10 @@ def main(argv=None):
     print(f"{'trunk not shared':<46}{ms(unshared)}  saved {saved * 1e3:.1f} ms")
     print(f"{f'frozen half, forward for {n_members} members':<46}{ms(frozen)}  "
           f"ideal saving (M-1)/M of it = {ideal * 1e3:.1f} ms; saved/ideal = {saved / ideal:.2f}")
+    mfu = flops / times['a'] / peak
+    print(f"\ntargets: (a)/(b) = {times['a'] / times['b']:.2f} <= 1.15 {times['a'] <= 1.15 * times['b']}; "
+          f"(c)/(a) = {times['c'] / times['a']:.2f} > 1 {times['c'] > times['a']}; "
+          f"trunk saved/ideal = {saved / ideal:.2f} >= 1 {saved >= ideal}; MFU {mfu:.0%} >= 40% {mfu >= 0.4}")
     if config['profile']:
         print("\nprofile of (a), 3 steps:")
         print_profile(steps['a'])
