@@ -210,7 +210,7 @@ def train(config):
             validate(model, tokenizer, val_rows, config, history, done)
             save_checkpoint(ckpt_path, model, optimizer, done, config, history)
     train_seconds = time.time() - t_start
-    if world_size > 1:
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     if rank > 0:
         return model, tokenizer, None
