@@ -211,6 +211,7 @@ def train(config):
             save_checkpoint(ckpt_path, model, optimizer, done, config, history)
     train_seconds = time.time() - t_start
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # leave together: a process that leaves while another still talks gets aborted
         dist.destroy_process_group()
     if rank > 0:
         return model, tokenizer, None

@@ -216,8 +216,9 @@ def test_two_torchrun_processes_train_the_adapters_a_single_process_trains(files
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("this torch build has no gloo backend for torch.distributed, so no CPU data parallelism")
     n = 4
-    single, _, _ = train_sft.train(tiny_config(files, tmp_path / "single", max_iters=n, eval_interval=n, log_interval=2))
-    config = tiny_config(files, tmp_path / "ddp", max_iters=n, eval_interval=n, log_interval=2)
+    # validating at step 2 makes the other process wait for rank 0 mid-run
+    single, _, _ = train_sft.train(tiny_config(files, tmp_path / "single", max_iters=n, eval_interval=2, log_interval=2))
+    config = tiny_config(files, tmp_path / "ddp", max_iters=n, eval_interval=2, log_interval=2)
     args = [f"--{key}={value}" for key, value in config.items() if value != train_sft.defaults[key]]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "train_sft.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120,
