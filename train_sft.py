@@ -159,7 +159,7 @@ def train(config):
         dist.barrier()  # wait while rank 0 pretrains the base, if it is missing
     model, tokenizer_name = load_base(config)
     if rank == 0 and world_size > 1:
-        dist.barrier()
+        dist.barrier()  # the base exists: let the others load it
     tokenizer = data.get_tokenizer(tokenizer_name)
     train_rows, val_rows, test_rows, ood_rows = load_rows(config)
     block_size = model.config.block_size
