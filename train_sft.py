@@ -5,6 +5,7 @@
     python train_sft.py --alpha=0 --out_dir=out/sft_vb
     python train_sft.py --data=mine.jsonl --val_data=mine_val.jsonl
     python train_sft.py --n_members=1 --ual_source=data --out_dir=out/sft_ual   # UAL label smoothing
+    torchrun --standalone --nproc_per_node=2 train_sft.py   # data-parallel, each process a shard of the batch
 
 Each step: one forward pass of all M members on a batch, the per-member sequence
 log-likelihoods logp (M, B), and the loss renyi_loss(logp, alpha) + prior_penalty.
@@ -18,6 +19,8 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import data
 from config import parse_args
@@ -151,18 +154,44 @@ def resume_from(ckpt_path, model, optimizer, config):
     return ckpt['iter'], ckpt['history']
 
 
+def setup_distributed(config):
+    """Join torchrun's process group when it launched us; returns (rank, world_size), (0, 1) without torchrun.
+
+    gloo on CPU, nccl on CUDA with one GPU per process (the LOCAL_RANK-th).
+    """
+    if 'RANK' not in os.environ:
+        return 0, 1
+    if config['device'].startswith('cuda'):
+        config['device'] = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(config['device'])
+    dist.init_process_group('nccl' if config['device'].startswith('cuda') else 'gloo')
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if config['batch_size'] % world_size:
+        raise ValueError(f"batch_size {config['batch_size']} does not split evenly over {world_size} processes")
+    if rank == 0:
+        print(f"data parallel ({dist.get_backend()}): {world_size} processes, "
+              f"{config['batch_size'] // world_size} examples each of every batch of {config['batch_size']}")
+    return rank, world_size
+
+
 def train(config, lr_schedule=learning_rate, on_step=None, readouts=None):
-    """Train the ensemble per config; returns (model, tokenizer, report dict).
+    """Train the ensemble per config; returns (model, tokenizer, report dict), the report None on ranks > 0.
 
     lr_schedule(it, config) gives each step's learning rate; on_step(done, model), when
     given, runs after every optimizer step (swag.py collects its moments there);
     readouts is passed on to evaluate.sft_report.
     """
     check_alpha(config['alpha'])
-    torch.manual_seed(config['seed'])
+    rank, world_size = setup_distributed(config)
+    # the adapters' init comes from rank 0 (DDP broadcasts it); other ranks draw their own dropout masks
+    torch.manual_seed(config['seed'] + rank)
     device = config['device']
     os.makedirs(config['out_dir'], exist_ok=True)
+    if rank > 0:
+        dist.barrier()  # wait while rank 0 pretrains the base, if it is missing
     model, tokenizer_name = load_base(config)
+    if rank == 0 and world_size > 1:
+        dist.barrier()  # the base exists: let the others load it
     tokenizer = data.get_tokenizer(tokenizer_name)
     train_rows, val_rows, test_rows, ood_rows = load_rows(config)
     block_size = model.config.block_size
@@ -170,6 +199,8 @@ def train(config, lr_schedule=learning_rate, on_step=None, readouts=None):
     smoothing = ual_label_smoothing(config, train_rows, tokenizer)                    # (N,) or None
     params = add_lora(model, config['n_members'], config['lora_rank'], config['lora_alpha'])
     model.to(device)
+    # DDP averages the adapters' gradients over the processes during backward
+    forward = DistributedDataParallel(model) if world_size > 1 else model
     optimizer = torch.optim.AdamW(params, lr=config['learning_rate'], weight_decay=config['weight_decay'])
     start, history = 0, dict(iter=[], loss=[], val_iter=[], val_nll=[])
     ckpt_path = os.path.join(config['out_dir'], 'ckpt.pt')
@@ -184,12 +215,12 @@ def train(config, lr_schedule=learning_rate, on_step=None, readouts=None):
     for it in range(start, config['max_iters']):
         for group in optimizer.param_groups:
             group['lr'] = lr_schedule(it, config)
-        batch = next(batches)
-        idx, labels = (t.to(device) for t in data.sft_batch(train_set, batch, tokenizer.eot_token))
+        shard = next(batches)[rank::world_size]                            # this process's share of the batch
+        idx, labels = (t.to(device) for t in data.sft_batch(train_set, shard, tokenizer.eot_token))
         if smoothing is None:
-            logp = sequence_logprobs(model(idx), labels)                   # (M, B)
+            logp = sequence_logprobs(forward(idx), labels)                 # (M, B / world_size)
         else:  # UAL: the smoothed NLL takes the place of -log p_m(x)
-            logp = -label_smoothed_nll(model(idx), labels, smoothing[batch].to(device))
+            logp = -label_smoothed_nll(forward(idx), labels, smoothing[shard].to(device))
         loss = renyi_loss(logp, alpha_at(it, config)) + prior_penalty(
             params, len(train_set), config['n_members'], config['sigma_p'], config['prior_weight'])
         optimizer.zero_grad(set_to_none=True)
@@ -198,9 +229,15 @@ def train(config, lr_schedule=learning_rate, on_step=None, readouts=None):
         optimizer.step()
         if on_step is not None:
             on_step(it + 1, model)
+        loss = loss.detach()
+        if world_size > 1:
+            dist.all_reduce(loss)  # the loss of the whole batch, for the log
+            loss /= world_size
         history['iter'].append(it)
         history['loss'].append(loss.item())
         done = it + 1
+        if rank > 0:
+            continue  # rank 0 alone logs, validates and checkpoints
         if done % config['log_interval'] == 0 or done == config['max_iters']:
             now = time.time()
             ms = (now - t_last) * 1000 / (done - last_logged)
@@ -211,6 +248,11 @@ def train(config, lr_schedule=learning_rate, on_step=None, readouts=None):
             validate(model, tokenizer, val_rows, config, history, done)
             save_checkpoint(ckpt_path, model, optimizer, done, config, history)
     train_seconds = time.time() - t_start
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # leave together: a process that leaves while another still talks gets aborted
+        dist.destroy_process_group()
+    if rank > 0:
+        return model, tokenizer, None
 
     report = sft_report(model, tokenizer, test_rows, ood_rows, config, history, readouts)
     report['train_seconds'] = round(train_seconds, 1)
@@ -240,7 +282,8 @@ def validate(model, tokenizer, val_rows, config, history, it):
 def main(argv=None):
     config = parse_args(defaults, argv)
     _, _, report = train(config)
-    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (dict, list))}, indent=2))
+    if report is not None:
+        print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (dict, list))}, indent=2))
 
 
 if __name__ == '__main__':

@@ -208,6 +208,34 @@ def test_resume_continues_exactly_and_metrics_without_groups_or_ood_are_null(fil
     assert not os.path.exists(tmp_path / "straight" / "routing.png")
 
 
+# ---------------------------------------------------------------------------
+# data parallel
+
+def test_two_torchrun_processes_train_the_adapters_a_single_process_trains(files, tmp_path):
+    """torchrun with 2 gloo processes, each on half of every batch, ends where one process on the whole batch does."""
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("this torch build has no gloo backend for torch.distributed, so no CPU data parallelism")
+    n = 4
+    # validating at step 2 makes the other process wait for rank 0 mid-run
+    single, _, _ = train_sft.train(tiny_config(files, tmp_path / "single", max_iters=n, eval_interval=2, log_interval=2))
+    config = tiny_config(files, tmp_path / "ddp", max_iters=n, eval_interval=2, log_interval=2)
+    args = [f"--{key}={value}" for key, value in config.items() if value != train_sft.defaults[key]]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train_sft.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data parallel (gloo): 2 processes, 4 examples each of every batch of 8" in result.stdout
+    assert result.stdout.count("iter 2: loss") == 1  # rank 0 alone logs
+    ddp_ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)
+    expected = lora_state_dict(single)
+    assert ddp_ckpt["adapters"].keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(ddp_ckpt["adapters"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    assert all(t.abs().sum() > 0 for name, t in expected.items() if name.endswith("lora_B"))  # they trained
+    single_ckpt = torch.load(tmp_path / "single" / "ckpt.pt", weights_only=False)
+    torch.testing.assert_close(ddp_ckpt["history"]["loss"], single_ckpt["history"]["loss"], rtol=1e-5, atol=0)
+
+
 def test_validation_runs_without_dropout_and_leaves_the_model_training(files, tmp_path):
     config = tiny_config(files, tmp_path, base=files["base_dropout"])
     model, tokenizer_name = train_sft.load_base(config)

@@ -1,0 +1,240 @@
+"""
+Throughput of the batched ensemble: does an ensemble of M LoRA adapters cost what its
+arithmetic costs? A script, not a test; it prints one table.
+
+    flock /tmp/cpu.lock python bench.py          # the lock keeps other jobs off the cores while timing
+    python bench.py --n_threads=1 --profile=True # one thread; and the top ops of the ensemble step
+
+Training steps (forward, α-Rényi loss, backward, AdamW), each the median of n_timed
+steps after n_warmup, at the default SFT size (pretrain.py's base, the benchmark's
+batches of 32 examples of about 27 tokens):
+  (a) the M-member ensemble on a batch of B            (one pass, member axis)
+  (b) one adapter on a batch of M*B                    (the same arithmetic, no member axis)
+  (c) a Python loop over M one-adapter models, batch B (what a per-adapter loop does)
+  (d) torch.func.stack_module_state + vmap over those M models
+then decoding (M members together vs one after another), the shared frozen trunk
+(adapters on the top half, sharing on vs off) and the MFU of (a): the step's matmul
+FLOPs (counted by torch's FlopCounterMode) per second over a matmul peak measured here.
+"""
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import pretrain
+from config import parse_args
+from lora import add_lora, merge_member
+from model import GPT, GPTConfig
+from renyi_lora import renyi_loss, sequence_logprobs
+
+defaults = dict(
+    # the size of pretrain.py's base, with random weights: speed does not depend on their values
+    n_layer=pretrain.defaults['n_layer'],
+    n_head=pretrain.defaults['n_head'],
+    n_embd=pretrain.defaults['n_embd'],
+    vocab_size=1024,                        # renyi-bpe's vocabulary
+    n_members=4,
+    lora_rank=8,
+    batch_size=32,                          # train_sft.py's default
+    seq_len=27,                             # the length of a padded benchmark SFT batch
+    prompt_len=14,                          # tokens without a label (the benchmark's mean prompt)
+    new_tokens=32,                          # decoding benchmark: tokens generated per member
+    n_warmup=3,
+    n_timed=20,
+    n_threads=0,                            # 0: torch's default (one per physical core)
+    profile=False,                          # print torch.profiler's top ops of the ensemble step
+    seed=0,
+)
+
+
+def timings(fns, n_warmup, n_timed):
+    """{name: [seconds of each of n_timed calls]} for a dict of closures, after n_warmup untimed rounds.
+
+    The closures take turns, so a change in the machine's load during the run hits them all alike.
+    """
+    for _ in range(n_warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(n_timed):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_seconds(fns, config):
+    """{name: median seconds of a call} for a dict of closures, timed in turns."""
+    return {name: statistics.median(t) for name, t in timings(fns, config['n_warmup'], config['n_timed']).items()}
+
+
+def matmul_peak(config, n=1024):
+    """FLOP/s of the fastest of n_timed (n, n) @ (n, n) fp32 matmuls on this machine: the ceiling for the MFU."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n ** 3 / min(timings(dict(matmul=lambda: a @ b), config['n_warmup'], config['n_timed'])['matmul'])
+
+
+def ensemble(config, n_members, layers=None):
+    """A GPT of the configured size carrying n_members adapters (on `layers`, all blocks by default)."""
+    model = GPT(GPTConfig(block_size=128, vocab_size=config['vocab_size'], n_layer=config['n_layer'],
+                          n_head=config['n_head'], n_embd=config['n_embd']))
+    add_lora(model, n_members, config['lora_rank'], lora_alpha=2.0 * config['lora_rank'], layers=layers)
+    return model
+
+
+def loss_of(logits, labels):
+    """The α-Rényi loss (alpha = 1) of logits (M, B, T, V): the objective every variant trains."""
+    return renyi_loss(sequence_logprobs(logits, labels), alpha=1.0)
+
+
+def training_step(loss_fn, params):
+    """A closure running one step of AdamW on params for the scalar loss_fn()."""
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        optimizer.step()
+    return step
+
+
+def step_variants(config, idx, labels):
+    """{name: a training-step closure} for the four ways of training M adapters on one batch."""
+    n_members = config['n_members']
+    batched = ensemble(config, n_members)
+    single = ensemble(config, 1)
+    wide_idx, wide_labels = idx.repeat(n_members, 1), labels.repeat(n_members, 1)     # (M*B, T)
+    loops = [copy.deepcopy(single) for _ in range(n_members)]
+    loop_params = [p for m in loops for p in m.parameters() if p.requires_grad]
+
+    steps = {
+        'a': training_step(lambda: loss_of(batched(idx), labels),
+                           [p for p in batched.parameters() if p.requires_grad]),
+        'b': training_step(lambda: loss_of(single(wide_idx), wide_labels),
+                           [p for p in single.parameters() if p.requires_grad]),
+        'c': training_step(lambda: loss_of(torch.cat([m(idx) for m in loops]), labels), loop_params),
+    }
+    params, buffers = torch.func.stack_module_state(loops)       # every tensor gains a leading (M,) axis
+    forward = lambda p, b: torch.func.functional_call(single, (p, b), (idx,))            # (1, B, T, V)
+    steps['d'] = training_step(lambda: loss_of(torch.vmap(forward)(params, buffers)[:, 0], labels),
+                               [p for p in params.values() if p.requires_grad])
+    return batched, steps
+
+
+def step_flops(model, idx, labels):
+    """Matmul FLOPs of one forward and backward of model on idx, as torch counts them."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss_of(model(idx), labels).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def decode_seconds(config, model):
+    """Seconds to decode new_tokens greedily from one prompt: (all members together, one member after another)."""
+    prompt = torch.randint(config['vocab_size'], (1, config['prompt_len']))
+    members = [merge_member(model, m) for m in range(config['n_members'])]  # plain GPTs: the fastest single path
+    times = median_seconds(dict(
+        together=lambda: model.generate(prompt, config['new_tokens'], temperature=0),
+        apart=lambda: [member.generate(prompt, config['new_tokens'], temperature=0) for member in members]), config)
+    return times['together'], times['apart']
+
+
+def trunk_seconds(config, idx, labels):
+    """Adapters on the top half: (step with the trunk shared, step without, forward of the frozen half for M members)."""
+    n_layer, n_members = config['n_layer'], config['n_members']
+    model = ensemble(config, n_members, layers=range(n_layer // 2, n_layer))
+    step = training_step(lambda: loss_of(model(idx), labels), [p for p in model.parameters() if p.requires_grad])
+
+    def step_sharing(share_trunk):
+        model.share_trunk = share_trunk
+        step()
+
+    with torch.no_grad():
+        embedded = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(idx.shape[1]))  # (B, T, C)
+        embedded = embedded.expand(n_members, *embedded.shape)                                     # (M, B, T, C)
+
+    @torch.no_grad()
+    def frozen_half():
+        x = embedded
+        for block in model.transformer.h[:n_layer // 2]:
+            x = block(x)
+    times = median_seconds(dict(shared=lambda: step_sharing(True), unshared=lambda: step_sharing(False),
+                                frozen=frozen_half), config)
+    return times['shared'], times['unshared'], times['frozen']
+
+
+def print_profile(step, n_rows=12):
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=n_rows))
+
+
+def main(argv=None):
+    config = parse_args(defaults, argv)
+    if config['n_threads']:
+        torch.set_num_threads(config['n_threads'])
+    torch.manual_seed(config['seed'])
+    load_before = os.getloadavg()
+    n_members, batch_size, seq_len = config['n_members'], config['batch_size'], config['seq_len']
+    idx = torch.randint(config['vocab_size'], (batch_size, seq_len))                   # (B, T)
+    labels = idx.masked_fill(torch.arange(seq_len) < config['prompt_len'], -100)       # (B, T), prompt unlabelled
+    ms = lambda seconds: f"{seconds * 1e3:9.1f}"
+
+    peak = matmul_peak(config)
+    batched, steps = step_variants(config, idx, labels)
+    try:
+        steps['d']()
+    except Exception as error:  # torch.func may not cover every op
+        print(f"(d) does not run: {type(error).__name__}: {error}")
+        del steps['d']
+    times = median_seconds(steps, config)
+    flops = step_flops(batched, idx, labels)
+    together, apart = decode_seconds(config, batched)
+    shared, unshared, frozen = trunk_seconds(config, idx, labels)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print(f"model: {config['n_layer']} layers, n_embd {config['n_embd']}, vocab {config['vocab_size']}; "
+          f"M={n_members} adapters of rank {config['lora_rank']}; batch B={batch_size} x T={seq_len} tokens")
+    print(f"matmul peak (fp32, 1024^3, best of {config['n_timed']}): {peak / 1e9:.1f} GFLOP/s\n")
+    print(f"{'training step (fwd + bwd + AdamW)':<46}{'ms':>9}  ratio")
+    labels_of = dict(a=f"(a) ensemble, M={n_members} on B",
+                     b=f"(b) one adapter on {n_members}*B",
+                     c=f"(c) loop over {n_members} adapters, B each",
+                     d=f"(d) torch.func stack_module_state + vmap")
+    for name, seconds in times.items():
+        ratio = '' if name == 'a' else f"(a)/({name}) = {times['a'] / seconds:.2f}"
+        print(f"{labels_of[name]:<46}{ms(seconds)}  {ratio}")
+    print(f"{'MFU of (a)':<46}{'':>9}  {flops / times['a'] / 1e9:.1f} GFLOP/s = {flops / times['a'] / peak:.0%} "
+          f"of peak ({flops / 1e9:.2f} GFLOP per step)")
+    new = n_members * config['new_tokens']
+    print(f"\n{'decoding ' + str(config['new_tokens']) + ' tokens from one prompt':<46}{'ms':>9}  tokens/s")
+    print(f"{f'{n_members} members together':<46}{ms(together)}  {new / together:.0f}")
+    print(f"{f'{n_members} members one after another':<46}{ms(apart)}  {new / apart:.0f}"
+          f"   together/apart speed-up {apart / together:.2f}")
+    saved, ideal = unshared - shared, frozen * (n_members - 1) / n_members
+    top_half = f"adapters on blocks {config['n_layer'] // 2}..{config['n_layer'] - 1} (step)"
+    print(f"\n{top_half:<46}{'ms':>9}")
+    print(f"{'trunk shared':<46}{ms(shared)}")
+    print(f"{'trunk not shared':<46}{ms(unshared)}  saved {saved * 1e3:.1f} ms")
+    print(f"{f'frozen half, forward for {n_members} members':<46}{ms(frozen)}  "
+          f"ideal saving (M-1)/M of it = {ideal * 1e3:.1f} ms; saved/ideal = {saved / ideal:.2f}")
+    mfu = flops / times['a'] / peak
+    print(f"\ntargets: (a)/(b) = {times['a'] / times['b']:.2f} <= 1.15 {times['a'] <= 1.15 * times['b']}; "
+          f"(c)/(a) = {times['c'] / times['a']:.2f} > 1 {times['c'] > times['a']}; "
+          f"trunk saved/ideal = {saved / ideal:.2f} >= 1 {saved >= ideal}; MFU {mfu:.0%} >= 40% {mfu >= 0.4}")
+    if config['profile']:
+        print("\nprofile of (a), 3 steps:")
+        print_profile(steps['a'])
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
