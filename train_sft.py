@@ -43,7 +43,7 @@ defaults = dict(
     # the ensemble
     n_members=4,
     alpha=2.0,              # 0: variational Bayes (every member fits everything); 1: predictive mixture;
-                            # > 1 leans to winner-takes-all. Why 2 is the default: README, "Choosing alpha"
+                            # > 1 leans to winner-takes-all. Why 2 is the default: README, "Reading the results"
     alpha_ramp_iters=250,   # raise alpha linearly from 0 over these first iters (0: no ramp), see alpha_at
     lora_rank=8,
     lora_alpha=16.0,        # LoRA scaling is lora_alpha / lora_rank
