@@ -123,12 +123,10 @@ def ual_label_smoothing(config, train_rows, tokenizer):
             raise ValueError(f"ual_source=data: {len(missing)} training rows have no 'uncertainty' "
                              f"(first: row {missing[0]})")
         uncertainty = torch.tensor([float(row['uncertainty']) for row in train_rows])
-    elif source == 'ensemble':  # the ensemble plays the UAL paper's "more capable model"
+    else:  # 'ensemble' (train checks the name first): the ensemble plays the UAL paper's "more capable model"
         teacher, _ = load_base(config)
         load_adapters(teacher, config['ual_teacher'])
         uncertainty = rescaled_epistemic(teacher.to(config['device']), tokenizer, train_rows, config)
-    else:
-        raise ValueError(f"ual_source must be '', 'data' or 'ensemble', got {source!r}")
     return ual_smoothing(uncertainty, config['ual_eps_min'], config['ual_eps_max'])
 
 
@@ -182,6 +180,8 @@ def train(config, lr_schedule=learning_rate, on_step=None, readouts=None):
     readouts is passed on to evaluate.sft_report.
     """
     check_alpha(config['alpha'])
+    if config['ual_source'] not in ('', 'data', 'ensemble'):
+        raise ValueError(f"ual_source must be '', 'data' or 'ensemble', got {config['ual_source']!r}")
     rank, world_size = setup_distributed(config)
     # the adapters' init comes from rank 0 (DDP broadcasts it); other ranks draw their own dropout masks
     torch.manual_seed(config['seed'] + rank)

@@ -116,5 +116,6 @@ def test_ual_smoothing_from_the_data_and_from_the_alpha_one_ensemble(run):
                                                   train_rows, tokenizer)
     assert from_ensemble.shape == (len(train_rows),)
     assert from_ensemble.min().item() == pytest.approx(eps_min) and from_ensemble.max().item() == pytest.approx(eps_max)
-    with pytest.raises(ValueError, match="ual_source must be"):
-        train_sft.ual_label_smoothing(config | dict(ual_source="llm"), train_rows, tokenizer)
+    with pytest.raises(ValueError, match="ual_source must be"):     # before any output exists
+        train_sft.train(config | dict(ual_source="llm", out_dir=str(out / "never")))
+    assert not (out / "never").exists()
