@@ -76,6 +76,7 @@ def load_sft(config):
     lora = ckpt['lora_config']
     add_lora(model, lora['n_members'], lora['rank'], lora['lora_alpha'], lora['targets'], lora['layers'])
     model.load_state_dict(ckpt['adapters'], strict=False)  # the adapters alone; the base came from load_base
+    train_sft.check_base(ckpt, model, ckpt_path)
     return model, tokenizer_name, ckpt['config']
 
 

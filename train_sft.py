@@ -12,6 +12,7 @@ log-likelihoods logp (M, B), and the loss renyi_loss(logp, alpha) + prior_penalt
 At the end it evaluates the ensemble on held-out prompts and writes
 out_dir/report.json and PNG plots.
 """
+import hashlib
 import json
 import os
 import subprocess
@@ -130,16 +131,39 @@ def ual_label_smoothing(config, train_rows, tokenizer):
     return ual_smoothing(uncertainty, config['ual_eps_min'], config['ual_eps_max'])
 
 
+def base_fingerprint(model):
+    """A SHA-256 of the frozen base weights (every tensor but the adapters), in state_dict order.
+
+    Adapters only make sense on the base they were trained on; checkpoints store this so a
+    run that loads them can tell when out/base.pt has been replaced since.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if not name.endswith(('lora_A', 'lora_B')):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_base(ckpt, model, ckpt_path):
+    """Raise when the adapters in ckpt were trained on another base than the one model carries."""
+    if ckpt.get('base_fingerprint', base_fingerprint(model)) != base_fingerprint(model):
+        raise ValueError(f"{ckpt_path} holds adapters trained on another base model than the one loaded now "
+                         "(was the base pretrained again?): train them again, or pass --base=<the base they used>")
+
+
 def save_checkpoint(path, model, optimizer, it, config, history):
-    """Adapters, optimizer, step, config and RNG state, written to a temp file and renamed."""
+    """Adapters, optimizer, step, config, RNG state and the base's fingerprint, written to a temp file and renamed."""
     state = dict(adapters=lora_state_dict(model), lora_config=model.lora_config, optimizer=optimizer.state_dict(),
-                 iter=it, config=config, history=history, rng=torch.get_rng_state())
+                 iter=it, config=config, history=history, rng=torch.get_rng_state(),
+                 base_fingerprint=base_fingerprint(model))
     save_atomically(state, path)
 
 
 def resume_from(ckpt_path, model, optimizer, config):
     """Load a save_checkpoint file's adapters, optimizer and RNG state; returns (start iter, history)."""
     ckpt = torch.load(ckpt_path, map_location=config['device'], weights_only=False)
+    check_base(ckpt, model, ckpt_path)
     unexpected = model.load_state_dict(ckpt['adapters'], strict=False).unexpected_keys  # the base is not in it
     if unexpected:
         raise ValueError(f"{ckpt_path}: adapter keys {unexpected[:3]} do not fit this model (another lora config?)")

@@ -304,3 +304,18 @@ def test_bad_settings_fail_before_training(tmp_path, arg, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         train_dpo.main([arg, f"--out_dir={tmp_path / 'never'}", f"--sft_dir={tmp_path / 'no_sft'}"])
     assert not (tmp_path / "never").exists() and not (tmp_path / "no_sft").exists()
+
+
+def test_an_sft_run_on_another_base_is_refused(files, tmp_path):
+    """Adapters only fit the base they were trained on: a re-pretrained base must not pass silently."""
+    ckpt = torch.load(os.path.join(files["sft_dir"], "ckpt.pt"), weights_only=False)
+    base = torch.load(ckpt["config"]["base"], weights_only=True)
+    base["model"]["transformer.ln_f.weight"] = base["model"]["transformer.ln_f.weight"] + 1e-3   # another base
+    torch.save(base, tmp_path / "other_base.pt")
+    ckpt["config"] = ckpt["config"] | dict(base=str(tmp_path / "other_base.pt"))
+    os.makedirs(tmp_path / "sft")
+    torch.save(ckpt, tmp_path / "sft" / "ckpt.pt")
+    with pytest.raises(ValueError, match="trained on another base model"):
+        train_dpo.load_sft(tiny_config(files, tmp_path / "dpo", sft_dir=str(tmp_path / "sft")))
+    model, _, _ = train_dpo.load_sft(tiny_config(files, tmp_path / "dpo", sft_dir=files["sft_dir"]))   # its own base
+    assert train_sft.base_fingerprint(model) == ckpt["base_fingerprint"]
