@@ -147,7 +147,8 @@ def base_fingerprint(model):
 
 def check_base(ckpt, model, ckpt_path):
     """Raise when the adapters in ckpt were trained on another base than the one model carries."""
-    if ckpt.get('base_fingerprint', base_fingerprint(model)) != base_fingerprint(model):
+    stored = ckpt.get('base_fingerprint')    # None in checkpoints written before fingerprints existed
+    if stored is not None and stored != base_fingerprint(model):
         raise ValueError(f"{ckpt_path} holds adapters trained on another base model than the one loaded now "
                          "(was the base pretrained again?): train them again, or pass --base=<the base they used>")
 
