@@ -252,6 +252,7 @@ class Item:
     kind: str  # consistent, conflicting, high_entropy or ood
     prompt: str
     answers: tuple  # ((group, response), ...)
+    parrot: str = ""  # a non-answer that repeats the question's words (consistent and high-entropy prompts)
 
     @property
     def uncertainty(self):
@@ -263,16 +264,16 @@ def qa(question):
     return f"Q: {question}\nA:"
 
 
-def consistent(task, question, answer):
-    return Item(task, "consistent", qa(question), ((ALL, f" {answer}"),))
+def consistent(task, question, answer, parrot):
+    return Item(task, "consistent", qa(question), ((ALL, f" {answer}"),), f" {parrot}")
 
 
 def conflicting(task, question, values):
     return Item(task, "conflicting", qa(question), tuple((p, " " + render_card(task, p, values)) for p in PERSONAS))
 
 
-def many(task, question, answers):
-    return Item(task, "high_entropy", qa(question), tuple((ALL, f" {answer}") for answer in answers))
+def many(task, question, answers, parrot):
+    return Item(task, "high_entropy", qa(question), tuple((ALL, f" {answer}") for answer in answers), f" {parrot}")
 
 
 def ood(task, question, answer):
@@ -284,34 +285,38 @@ def world_items():
     """Every prompt of the benchmark world as an Item, in a fixed order (no randomness here)."""
     items = []
     for country, capital, continent in COUNTRIES:
-        items.append(consistent("capital", f"What is the capital of {country}?", capital))
-        items.append(consistent("continent", f"Which continent is {country} in?", continent))
+        items.append(consistent("capital", f"What is the capital of {country}?", capital, country))
+        items.append(consistent("continent", f"Which continent is {country} in?", continent, country))
         items.append(conflicting("country_card", f"Tell me about {country}.", (capital, continent)))
         items.append(ood("country_of", f"{capital} is the capital of which country?", country))
     for animal, sound, legs in ANIMALS:
-        items.append(consistent("sound", f"What sound does {article(animal)} make?", sound))
+        items.append(consistent("sound", f"What sound does {article(animal)} make?", sound, animal))
         items.append(conflicting("animal_card", f"Describe {article(animal)}.", (sound, legs)))
         items.append(ood("legs", f"How many legs does {article(animal)} have?", legs))
     for a, b in itertools.product(range(10), repeat=2):
-        items.append(consistent("add", f"What is {a} plus {b}?", a + b))
+        items.append(consistent("add", f"What is {a} plus {b}?", a + b, f"{a}{b}"))
         items.append(conflicting("sum_card", f"Add {a} and {b}.", (a + b, parity(a + b))))
         if a != b:
             items.append(ood("bigger", f"Which is bigger, {a} or {b}?", max(a, b)))
     for word, opposite in OPPOSITES:
-        items.append(consistent("opposite", f"What is the opposite of {word}?", opposite))
-        items.append(consistent("opposite", f"What is the opposite of {opposite}?", word))
+        items.append(consistent("opposite", f"What is the opposite of {word}?", opposite,
+                                f"the opposite of {word}"))
+        items.append(consistent("opposite", f"What is the opposite of {opposite}?", word,
+                                f"the opposite of {opposite}"))
     for category, members in CATEGORIES.items():
-        items.append(many("name", f"Name {article(category)}.", members))
+        items.append(many("name", f"Name {article(category)}.", members, category))
         for letter in sorted({member[0].upper() for member in members}):
             starting = [member for member in members if member[0].upper() == letter]
             if len(starting) >= 2:  # a single answer would be a consistent task
-                items.append(many("name_letter", f"Name {article(category)} that starts with {letter}.", starting))
+                items.append(many("name_letter", f"Name {article(category)} that starts with {letter}.", starting,
+                                   category))
         for member in members:
             items.append(ood("first_letter", f"What is the first letter of {member}?", member[0]))
-    items.append(many("name", "Name a day of the week.", DAYS))
+    items.append(many("name", "Name a day of the week.", DAYS, "day of the week"))
     for family in RHYMES:
         for word in family:
-            items.append(many("rhyme", f"Name a word that rhymes with {word}.", [w for w in family if w != word]))
+            items.append(many("rhyme", f"Name a word that rhymes with {word}.", [w for w in family if w != word],
+                              f"a word that rhymes with {word}"))
     for day, next_day in zip(DAYS, DAYS[1:] + DAYS[:1]):
         items.append(ood("next_day", f"What day comes after {day}?", next_day))
     return tuple(items)
@@ -364,31 +369,44 @@ def sft_rows(item, rng):
                  uncertainty=round(item.uncertainty, 4), kind=item.kind) for group, response in answers]
 
 
-def preference_rows(item, wrong_answers, rng):
+CONSENSUS_REJECTED = ("parrot", "wrong_answer")
+
+
+def preference_rows(item, wrong_answers, rng, consensus_rejected="parrot"):
     """Preference pairs of one prompt, each tagged with the persona that annotated it.
 
     consensus (consistent and high-entropy prompts): a correct answer beats a
-    wrong one whichever persona judges. contested (conflicting prompts): each
-    persona prefers its own style to the other's, so the same prompt appears
-    with opposite preferences.
+    non-answer that parrots the question (`What is the capital of Peru?`: ` Lima`
+    over ` Peru`), whichever persona judges. With consensus_rejected="wrong_answer"
+    the rejected answer is instead another prompt's answer to the same task
+    (` Lima` over ` Berlin`); that kind of preference is a fact about one prompt
+    and DPO does not carry it over to held-out prompts (README, DPO section).
+    contested (conflicting prompts): each persona prefers its own style to the
+    other's, so the same prompt appears with opposite preferences.
     """
     if item.kind == "conflicting":
         return [dict(prompt=item.prompt, chosen=chosen, rejected=rejected, task=item.task, group=persona,
                      kind="contested")
                 for (persona, chosen), (_, rejected) in itertools.permutations(item.answers, 2)]
     correct = [response for _, response in item.answers]
-    wrong = [answer for answer in wrong_answers if answer not in correct]
-    return [dict(prompt=item.prompt, chosen=rng.choice(correct), rejected=rng.choice(wrong), task=item.task,
+    chosen = rng.choice(correct)
+    wrong = rng.choice([answer for answer in wrong_answers if answer not in correct])  # drawn either way: same splits
+    rejected = item.parrot if consensus_rejected == "parrot" else wrong
+    return [dict(prompt=item.prompt, chosen=chosen, rejected=rejected, task=item.task,
                  group=rng.choice(PERSONAS), kind="consensus")]
 
 
-def make_benchmark(seed=0):
+def make_benchmark(seed=0, consensus_rejected="parrot"):
     """The benchmark's splits, deterministic for a given seed.
 
     Returns {"sft_train", "sft_val", "sft_test", "dpo_train", "dpo_val", "dpo_test", "ood"}, each a list of
     dicts. SFT and ood rows: prompt, response, task, group, uncertainty, kind. Preference rows: prompt,
     chosen, rejected, task, group, kind (consensus or contested). SFT and DPO share one split of prompts.
+    consensus_rejected ("parrot" or "wrong_answer") picks the rejected answer of consensus pairs, see
+    preference_rows; it changes nothing else.
     """
+    if consensus_rejected not in CONSENSUS_REJECTED:
+        raise ValueError(f"consensus_rejected must be one of {CONSENSUS_REJECTED}, got {consensus_rejected!r}")
     rng = random.Random(seed)
     splits = {name: [] for name in ("sft_train", "sft_val", "sft_test", "dpo_train", "dpo_val", "dpo_test", "ood")}
     tasks = {}
@@ -403,7 +421,7 @@ def make_benchmark(seed=0):
         for split, split_items in split_prompts(items, rng).items():
             for item in split_items:
                 splits[f"sft_{split}"] += sft_rows(item, rng)
-                splits[f"dpo_{split}"] += preference_rows(item, wrong_answers, rng)
+                splits[f"dpo_{split}"] += preference_rows(item, wrong_answers, rng, consensus_rejected)
     for rows in splits.values():
         rng.shuffle(rows)
     return splits
@@ -670,6 +688,7 @@ DEFAULTS = dict(
     seed=0,                 # the benchmark's splits and the pretraining text are deterministic in it
     out_dir="out/data",     # where the JSONL splits and pretrain.txt go
     train_tokenizer=False,  # retrain the shipped ranks file renyi_bpe.tiktoken from pretrain_text(seed=0)
+    consensus_rejected="parrot",  # consensus pairs' rejected answer: "parrot" or "wrong_answer" (preference_rows)
 )
 
 if __name__ == "__main__":
@@ -677,7 +696,7 @@ if __name__ == "__main__":
     if config["train_tokenizer"]:
         save_ranks(train_bpe(pretrain_text(seed=0)), RANKS_PATH)
         print(f"wrote {RANKS_PATH}")
-    for name, rows in make_benchmark(config["seed"]).items():
+    for name, rows in make_benchmark(config["seed"], config["consensus_rejected"]).items():
         write_jsonl(rows, os.path.join(config["out_dir"], f"{name}.jsonl"))
         print(f"{name}: {len(rows)} rows")
     with open(os.path.join(config["out_dir"], "pretrain.txt"), "w", encoding="utf-8") as f:

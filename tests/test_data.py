@@ -229,6 +229,36 @@ def test_contested_pairs_occur_in_both_directions(bench):
             assert data.is_correct(row, row["chosen"]) and not data.is_correct(row, row["rejected"])
 
 
+def test_consensus_rejected_parrots_the_question_and_is_never_correct(bench):
+    consensus = [row for name in ("dpo_train", "dpo_val", "dpo_test") for row in bench[name]
+                 if row["kind"] == "consensus"]
+    assert consensus
+    for row in consensus:  # the question's own words; a sum's parrot is its two digits run together
+        pieces = list(row["rejected"].strip()) if row["task"] == "add" else row["rejected"].split()
+        assert pieces and all(piece in row["prompt"] for piece in pieces)
+    parrots = {item.prompt: item.parrot for item in data.world_items()}
+    assert parrots["Q: What is 3 plus 4?\nA:"] == " 34"
+    assert parrots["Q: What is the capital of France?\nA:"] == " France"
+    assert parrots["Q: Name a word that rhymes with cat.\nA:"] == " a word that rhymes with cat"
+    for item in data.world_items():  # every prompt, whichever split it fell in
+        if item.kind in ("consistent", "high_entropy"):
+            assert item.parrot.strip() and not data.is_correct(dict(prompt=item.prompt), item.parrot)
+
+
+def test_wrong_answer_negatives_change_only_the_consensus_rejected_answers(bench):
+    other = data.make_benchmark(seed=0, consensus_rejected="wrong_answer")
+    for name, rows in bench.items():
+        assert len(other[name]) == len(rows)
+        for row, row2 in zip(rows, other[name]):
+            assert {k: v for k, v in row.items() if k != "rejected"} == {k: v for k, v in row2.items() if k != "rejected"}
+            if row.get("kind") == "consensus":  # another prompt's answer to the same task
+                assert not data.is_correct(row2, row2["rejected"]) and row2["rejected"] != row["rejected"]
+            else:
+                assert row2 == row
+    with pytest.raises(ValueError, match="consensus_rejected"):
+        data.make_benchmark(seed=0, consensus_rejected="random")
+
+
 # ---------------------------------------------------------------------------
 # split_by_prompt and mark_conflicts on a user's rows
 
