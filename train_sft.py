@@ -77,7 +77,8 @@ def load_base(config):
     """The frozen base GPT and its tokenizer name; runs pretrain.py first when the checkpoint is missing."""
     if not os.path.exists(config['base']):
         print(f"{config['base']} not found: pretraining the base model first")
-        subprocess.run([sys.executable, 'pretrain.py', f"--out_path={config['base']}",
+        pretrain = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pretrain.py')  # from any directory
+        subprocess.run([sys.executable, pretrain, f"--out_path={config['base']}",
                         f"--device={config['device']}"], check=True)
     checkpoint = torch.load(config['base'], map_location='cpu', weights_only=True)
     model = GPT(GPTConfig(**checkpoint['config']))
