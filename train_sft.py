@@ -12,6 +12,7 @@ log-likelihoods logp (M, B), and the loss renyi_loss(logp, alpha) + prior_penalt
 At the end it evaluates the ensemble on held-out prompts and writes
 out_dir/report.json and PNG plots.
 """
+import gc
 import hashlib
 import json
 import os
@@ -275,6 +276,10 @@ def train(config, lr_schedule=learning_rate, on_step=None, readouts=None):
             save_checkpoint(ckpt_path, model, optimizer, done, config, history)
     train_seconds = time.time() - t_start
     if dist.is_available() and dist.is_initialized():
+        # DDP keeps its own handle on the process group: free it first, or gloo's threads outlive
+        # destroy_process_group and can abort the process as the interpreter shuts down
+        del forward
+        gc.collect()
         dist.barrier()  # leave together: a process that leaves while another still talks gets aborted
         dist.destroy_process_group()
     if rank > 0:
