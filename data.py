@@ -294,7 +294,7 @@ def world_items():
         items.append(conflicting("animal_card", f"Describe {article(animal)}.", (sound, legs)))
         items.append(ood("legs", f"How many legs does {article(animal)} have?", legs))
     for a, b in itertools.product(range(10), repeat=2):
-        items.append(consistent("add", f"What is {a} plus {b}?", a + b, f"{a}{b}"))
+        items.append(consistent("add", f"What is {a} plus {b}?", a + b, f"{a} plus {b}"))
         items.append(conflicting("sum_card", f"Add {a} and {b}.", (a + b, parity(a + b))))
         if a != b:
             items.append(ood("bigger", f"Which is bigger, {a} or {b}?", max(a, b)))

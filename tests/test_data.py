@@ -1,5 +1,7 @@
 """Tests for data.py: tokenizer round-trips, the benchmark's determinism and conflict structure,
 label masking against hand-written tensors, and every JSONL loader error with its FILE:LINE."""
+import hashlib
+import json
 import math
 import os
 import random
@@ -233,26 +235,35 @@ def test_consensus_rejected_parrots_the_question_and_is_never_correct(bench):
     consensus = [row for name in ("dpo_train", "dpo_val", "dpo_test") for row in bench[name]
                  if row["kind"] == "consensus"]
     assert consensus
-    for row in consensus:  # the question's own words; a sum's parrot is its two digits run together
-        pieces = list(row["rejected"].strip()) if row["task"] == "add" else row["rejected"].split()
-        assert pieces and all(piece in row["prompt"] for piece in pieces)
+    for row in consensus:
+        assert row["rejected"].strip() in row["prompt"]  # a piece of the question itself
     parrots = {item.prompt: item.parrot for item in data.world_items()}
-    assert parrots["Q: What is 3 plus 4?\nA:"] == " 34"
+    assert parrots["Q: What is 3 plus 4?\nA:"] == " 3 plus 4"
     assert parrots["Q: What is the capital of France?\nA:"] == " France"
     assert parrots["Q: Name a word that rhymes with cat.\nA:"] == " a word that rhymes with cat"
     for item in data.world_items():  # every prompt, whichever split it fell in
         if item.kind in ("consistent", "high_entropy"):
             assert item.parrot.strip() and not data.is_correct(dict(prompt=item.prompt), item.parrot)
+            assert not item.parrot.strip().isdigit()  # not even numerically an answer (" 05" would be 0 plus 5)
 
 
-def test_wrong_answer_negatives_change_only_the_consensus_rejected_answers(bench):
+# make_benchmark(seed=0) before the parrot negatives, serialised with json.dumps(sort_keys=True)
+WRONG_ANSWER_BENCHMARK_SHA256 = "70c9b9302afb8579e9d500338ebc03be6f9fde19b17cf64f94de838b34b331b2"
+
+
+def test_wrong_answer_negatives_are_the_earlier_benchmark_and_differ_only_in_consensus_rejected(bench):
     other = data.make_benchmark(seed=0, consensus_rejected="wrong_answer")
+    serialised = json.dumps(other, sort_keys=True).encode()
+    assert hashlib.sha256(serialised).hexdigest() == WRONG_ANSWER_BENCHMARK_SHA256  # the README's wrong-answer rows
+    task_answers = {}
+    for item in data.world_items():
+        task_answers.setdefault(item.task, set()).update(response for _, response in item.answers)
     for name, rows in bench.items():
         assert len(other[name]) == len(rows)
         for row, row2 in zip(rows, other[name]):
             assert {k: v for k, v in row.items() if k != "rejected"} == {k: v for k, v in row2.items() if k != "rejected"}
             if row.get("kind") == "consensus":  # another prompt's answer to the same task
-                assert not data.is_correct(row2, row2["rejected"]) and row2["rejected"] != row["rejected"]
+                assert row2["rejected"] in task_answers[row["task"]] and not data.is_correct(row2, row2["rejected"])
             else:
                 assert row2 == row
     with pytest.raises(ValueError, match="consensus_rejected"):
