@@ -162,7 +162,7 @@ def files(tmp_path_factory):
 
 def tiny_config(files, out_dir, **overrides):
     return train_dpo.defaults | dict(
-        sft_dir=files["sft_dir"], data=files["pairs"], val_data=files["pairs"], out_dir=str(out_dir), max_iters=60,
+        sft_dir=files["sft_dir"], data=files["pairs"], val_data=files["pairs"], out_dir=str(out_dir), max_iters=120,
         batch_size=8, learning_rate=1e-2, warmup_iters=2, beta=0.5, log_interval=20, eval_interval=30, seed=0,
         device="cpu") | overrides
 
