@@ -44,7 +44,7 @@ defaults = dict(
     out_dir='out/dpo',
     resume=False,           # continue from out_dir/ckpt.pt
     # the objective; n_members and the LoRA shape come from the SFT run
-    alpha=4.0,              # contested pairs split the members only for alpha > 1; why 4: see the README
+    alpha=3.0,              # contested pairs split the members only for alpha > 1; why 3: see the README
     alpha_ramp_iters=0,     # raise alpha linearly from 0 over these first iters (0: no ramp), see train_sft.alpha_at
     beta=0.1,               # inverse temperature of the implied reward beta * log(pi / pi_ref)
     label_smoothing=0.0,    # conservative DPO: the share of preference labels assumed flipped
