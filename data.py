@@ -13,6 +13,10 @@ itself. Its tasks come in four kinds:
 - high_entropy: many acceptable answers ("Name a fruit."), the response drawn
   uniformly from them;
 - ood: question kinds never used for training, for evaluation only.
+Preference pairs for DPO come from the same prompts: on conflicting prompts
+each persona prefers its own style ("contested"); on the others a correct
+answer beats a non-answer that parrots the question ("consensus", see
+preference_rows).
 Every example records its `uncertainty`: log(n acceptable responses) /
 log(MAX_ANSWERS), i.e. the normalised entropy of the distribution it was drawn
 from (0 for consistent tasks), a stand-in for the UAL paper's estimate from a
@@ -390,7 +394,8 @@ def preference_rows(item, wrong_answers, rng, consensus_rejected="parrot"):
                 for (persona, chosen), (_, rejected) in itertools.permutations(item.answers, 2)]
     correct = [response for _, response in item.answers]
     chosen = rng.choice(correct)
-    wrong = rng.choice([answer for answer in wrong_answers if answer not in correct])  # drawn either way: same splits
+    # drawn in both modes, so the random stream, and with it every split, is the same whichever rejected is used
+    wrong = rng.choice([answer for answer in wrong_answers if answer not in correct])
     rejected = item.parrot if consensus_rejected == "parrot" else wrong
     return [dict(prompt=item.prompt, chosen=chosen, rejected=rejected, task=item.task,
                  group=rng.choice(PERSONAS), kind="consensus")]

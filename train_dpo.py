@@ -10,8 +10,8 @@ The policy starts from the SFT run's M adapters. Each step runs chosen and rejec
 responses through one forward pass of all members, forms each member's DPO
 log-likelihood log p_m(x) = log sigmoid(beta * h_m(x)) (METHOD.md §1), shape (M, B),
 and minimises renyi_loss(logp, alpha), the same loss as SFT: each preference trains
-the members that already agree with it, so members specialise on annotator groups
-whose preferences conflict. The reference log-probs come from a frozen copy of the
+the members that already agree with it, so where annotator groups disagree the
+members take sides (for alpha > 1; README, "Why the default α is above 1"). The reference log-probs come from a frozen copy of the
 SFT adapters (member m's reference is SFT member m) or from the bare base model;
 they never change, so they are computed once, without gradients, and cached.
 
