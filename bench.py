@@ -25,7 +25,6 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import pretrain
 from config import parse_args
 from lora import add_lora, merge_member
 from model import GPT, GPTConfig
@@ -33,9 +32,9 @@ from renyi_lora import renyi_loss, sequence_logprobs
 
 defaults = dict(
     # the size of pretrain.py's base, with random weights: speed does not depend on their values
-    n_layer=pretrain.defaults['n_layer'],
-    n_head=pretrain.defaults['n_head'],
-    n_embd=pretrain.defaults['n_embd'],
+    n_layer=4,
+    n_head=4,
+    n_embd=128,
     vocab_size=1024,                        # renyi-bpe's vocabulary
     n_members=4,
     lora_rank=8,

@@ -10,7 +10,7 @@ Every run takes train_sft.py's defaults, including the α ramp (alpha_ramp_iters
   SWAG            S draws from the Gaussian of the MAP run's iterates (swag.py), run as an S-member ensemble
   deep ensemble   M adapters, alpha = 0: each member fits every example on its own
   MultiSWAG       S / M draws from the Gaussian of each deep-ensemble member's iterates
-  α-Rényi         M adapters, alpha = 0.5, 1 and 2 (2 is train_sft.py's default)
+  α-Rényi         M adapters, alpha = 0.5, 1 and 2 (train_sft.py's default α and ramp, on the schedule below)
   UAL (data)      one adapter, label smoothing from each training row's `uncertainty`
   UAL (ensemble)  one adapter, label smoothing from the alpha = 1 ensemble's epistemic uncertainty
 Every run follows swag.swag_learning_rate: warm-up and cosine decay to swag_lr by the start of the
@@ -26,13 +26,14 @@ import time
 
 import torch
 
+import data
 import plots
 import train_sft
+from checkpoint import load_base
 from config import parse_args
-from evaluate import calibration, greedy_accuracy, sft_report
+from evaluate import calibration, greedy_accuracy, markdown_table, sft_report
 from lora import add_lora
 from swag import SWAGCollector, sample_members, swag_learning_rate
-from sweep_sft import table
 
 defaults = train_sft.defaults | dict(
     compare_dir='out/compare',
@@ -59,7 +60,7 @@ def methods(config):
             ('deep_ensemble', f'deep ensemble (M={n_members}, α=0)', dict(alpha=0.0)),
             ('renyi_0.5', f'α-Rényi (M={n_members}, α=0.5)', dict(alpha=0.5)),
             ('renyi_1', f'α-Rényi (M={n_members}, α=1)', dict(alpha=1.0)),
-            ('renyi_2', f'α-Rényi (M={n_members}, α=2)', dict(alpha=2.0)),     # train_sft.py's default
+            ('renyi_2', f'α-Rényi (M={n_members}, α=2)', dict(alpha=2.0)),     # train_sft.py's α, this schedule
             ('ual_data', 'UAL, data u (M=1)', dict(n_members=1, ual_source='data')),
             ('ual_ensemble', 'UAL, ensemble u (M=1)', dict(n_members=1, ual_source='ensemble', ual_teacher=teacher))]
 
@@ -85,14 +86,15 @@ def table_metrics(model, tokenizer, test_rows, readouts, config):
     token_mask = is_high_entropy.repeat_interleave(scores['n_tokens'])     # rows' tokens lie consecutively
     token_scores = {key: scores[key][token_mask] for key in ('token_confidence', 'token_correct', 'token_true_prob')}
     model.eval()
-    return dict(accuracy_conflicting=greedy_accuracy(model, tokenizer, conflicting, config) if conflicting else None,
+    return dict(accuracy_conflicting=(greedy_accuracy(model, tokenizer, conflicting, config['max_new_tokens'])
+                                      if conflicting else None),
                 nll_high_entropy=calibration(token_scores)['nll'] if token_mask.any() else None,
                 nll_sequence=-mixture_logp.sum().item() / scores['n_tokens'].sum().item())
 
 
 def swag_ensemble(config, source, swags):
     """A fresh base carrying as many SWAG draws as fit evenly in swag_samples, one draw per member."""
-    model, _ = train_sft.load_base(config)
+    model, _ = load_base(config['base'], config['device'])
     lora = source.lora_config
     n_draws = config['swag_samples'] // len(swags) * len(swags)
     add_lora(model, n_draws, lora['rank'], lora['lora_alpha'], lora['targets'], lora['layers'])
@@ -109,8 +111,9 @@ def swag_row(name, run, source, swags, tokenizer, test_rows, ood_rows):
     swag_run = method_config(run, name, dict(n_members=model.n_members))
     os.makedirs(swag_run['out_dir'], exist_ok=True)
     history = torch.load(os.path.join(run['out_dir'], 'ckpt.pt'), weights_only=False)['history']
-    readouts = {}
-    report = sft_report(model, tokenizer, test_rows, ood_rows, swag_run, history, readouts)
+    report, readouts = sft_report(model, tokenizer, test_rows, ood_rows, swag_run['alpha'], swag_run['batch_size'],
+                                  swag_run['max_new_tokens'], swag_run['n_samples'], swag_run['seed'])
+    plots.sft_plots(swag_run['out_dir'], history, report, readouts['by_kind'], readouts['scores'])
     report |= table_metrics(model, tokenizer, test_rows, readouts, swag_run)
     return label, report, readouts
 
@@ -119,7 +122,8 @@ def compare(config):
     """Train and evaluate every method; writes table.md, results.json and the plots; returns [(label, report)]."""
     config = config | dict(swag_start=int(round((1 - config['swag_fraction']) * config['max_iters'])))
     os.makedirs(config['compare_dir'], exist_ok=True)
-    _, _, test_rows, ood_rows = train_sft.load_rows(config)
+    _, _, test_rows, ood_rows = data.load_sft_rows(config['data'], config['val_data'], config['ood_data'],
+                                                   config['val_fraction'], config['seed'])
     results = []                                                          # (label, report, readouts)
     for name, label, overrides in methods(config):
         run = method_config(config, name, overrides)
@@ -127,8 +131,7 @@ def compare(config):
         # SWAG from the MAP run, MultiSWAG from the deep-ensemble run: their iterates, collected on the way
         collector = SWAGCollector(config['swag_start'], config['swag_every'], config['swag_rank']) if (
             name in SWAG_OF) else None
-        readouts = {}
-        model, tokenizer, report = train_sft.train(run, swag_learning_rate, collector, readouts)
+        model, tokenizer, report, readouts = train_sft.train(run, swag_learning_rate, collector)
         report |= table_metrics(model, tokenizer, test_rows, readouts, run)
         results.append((label, report, readouts))
         if collector is not None:
@@ -138,7 +141,7 @@ def compare(config):
             results.append((label, swag_report, swag_readouts))
     rows = [(label, report) for label, report, _ in results]
     with open(os.path.join(config['compare_dir'], 'table.md'), 'w') as f:
-        f.write(table(rows, COLUMNS) + '\n')
+        f.write(markdown_table(rows, COLUMNS) + '\n')
     with open(os.path.join(config['compare_dir'], 'results.json'), 'w') as f:
         json.dump(dict(rows), f, indent=2)
     plots.comparison_plots(config['compare_dir'], results)
@@ -149,7 +152,7 @@ def main(argv=None):
     config = parse_args(defaults, argv)
     start = time.time()
     rows = compare(config)
-    print(table(rows, COLUMNS))
+    print(markdown_table(rows, COLUMNS))
     print(f"compare.py: {len(rows)} methods in {time.time() - start:.0f}s")
 
 

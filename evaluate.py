@@ -1,17 +1,23 @@
 """
-Evaluating an ensemble of adapters: teacher-forced scores, decoding, the report.
+Evaluating an ensemble of adapters: teacher-forced scores, decoding, and the SFT
+and DPO reports (METHOD.md §6).
 
 Shared by train_sft.py, train_dpo.py and compare.py. Everything here takes a model
-whose logits carry a member axis, (M, B, T, V); a single adapter is M = 1.
+whose logits carry a member axis, (M, B, T, V) (a single adapter is M = 1), and
+explicit arguments; it returns numbers and tensors and draws nothing (plots.py does).
 """
 import math
 
 import torch
 
+import benchmark
 import data
-import plots
 from renyi_lora import (auroc, ece, expected_entropy, mutual_information, predictive_entropy, responsibilities,
-                        sequence_logprobs)
+                        dpo_logp, dpo_loss, sequence_logprobs)
+
+
+def device_of(model):
+    return model.lm_head.weight.device
 
 
 @torch.no_grad()
@@ -118,17 +124,18 @@ def calibration(scores, n_bins=10):
                 brier=((confidence.double() - correct) ** 2).mean().item())
 
 
-def held_out_batches(model, tokenizer, rows, batch_size, device):
-    """(idx, labels) batches over rows in order, on device."""
+def held_out_batches(model, tokenizer, rows, batch_size):
+    """(idx, labels) batches over rows in order, on the model's device."""
+    device = device_of(model)
     encoded = data.encode_sft(rows, tokenizer, model.config.block_size, truncate=True)
     for start in range(0, len(encoded), batch_size):
         idx, labels = data.sft_batch(encoded, range(start, min(start + batch_size, len(encoded))), tokenizer.eot_token)
         yield idx.to(device), labels.to(device)
 
 
-def score_rows(model, tokenizer, rows, config):
+def score_rows(model, tokenizer, rows, batch_size):
     """score_batches over SFT rows (dicts with prompt and response)."""
-    return score_batches(model, held_out_batches(model, tokenizer, rows, config['batch_size'], config['device']))
+    return score_batches(model, held_out_batches(model, tokenizer, rows, batch_size))
 
 
 def prompt_batches(tokenizer, prompts, device):
@@ -147,38 +154,38 @@ def decode_response(tokenizer, ids, stop_token):
     return tokenizer.decode(ids[:ids.index(stop_token)] if stop_token in ids else ids)
 
 
-def greedy_accuracy(model, tokenizer, rows, config):
-    """Share of prompts whose greedy mixture response is acceptable (data.is_correct)."""
+def greedy_accuracy(model, tokenizer, rows, max_new_tokens):
+    """Share of prompts whose greedy mixture response is acceptable (benchmark.is_correct)."""
     first_row = {}
     for row in rows:
         first_row.setdefault(row['prompt'], row)
     correct = []
-    for prompts, idx in prompt_batches(tokenizer, list(first_row), config['device']):
-        out = greedy_decode(model, idx, config['max_new_tokens'], tokenizer.eot_token)   # (B, T + new)
+    for prompts, idx in prompt_batches(tokenizer, list(first_row), device_of(model)):
+        out = greedy_decode(model, idx, max_new_tokens, tokenizer.eot_token)              # (B, T + new)
         for prompt, ids in zip(prompts, out[:, idx.shape[1]:].tolist()):
-            correct.append(data.is_correct(first_row[prompt], decode_response(tokenizer, ids, tokenizer.eot_token)))
+            correct.append(benchmark.is_correct(first_row[prompt], decode_response(tokenizer, ids, tokenizer.eot_token)))
     return sum(correct) / len(correct) if correct else None
 
 
-def coherence(model, tokenizer, rows, config, max_prompts=40):
+def coherence(model, tokenizer, rows, n_samples, max_new_tokens, seed, max_prompts=40):
     """Share of sampled member responses (temperature 1) that follow one persona in every field.
 
     rows: conflicting benchmark rows; each prompt is sampled n_samples times by every member.
     """
     prompts = sorted({row['prompt'] for row in rows})[:max_prompts]
     task_of = {row['prompt']: row['task'] for row in rows}
-    generator = torch.Generator(device=config['device']).manual_seed(config['seed'])
+    generator = torch.Generator(device=device_of(model)).manual_seed(seed)
     verdicts = []
-    for batch_prompts, idx in prompt_batches(tokenizer, prompts, config['device']):
-        repeated = idx.repeat_interleave(config['n_samples'], dim=0)                # (B * S, T)
-        out = model.generate(repeated, config['max_new_tokens'], temperature=1.0,
+    for batch_prompts, idx in prompt_batches(tokenizer, prompts, device_of(model)):
+        repeated = idx.repeat_interleave(n_samples, dim=0)                          # (B * S, T)
+        out = model.generate(repeated, max_new_tokens, temperature=1.0,
                              stop_token=tokenizer.eot_token, generator=generator)   # (M, B * S, T + new)
         out = out.reshape(-1, out.shape[-2], out.shape[-1])                          # (M or 1, B * S, T + new)
         for member_out in out:
             for j, ids in enumerate(member_out[:, idx.shape[1]:].tolist()):
-                prompt = batch_prompts[j // config['n_samples']]
+                prompt = batch_prompts[j // n_samples]
                 text = decode_response(tokenizer, ids, tokenizer.eot_token)
-                verdicts.append(data.persona_of(task_of[prompt], text) is not None)
+                verdicts.append(benchmark.persona_of(task_of[prompt], text) is not None)
     return sum(verdicts) / len(verdicts) if verdicts else None
 
 
@@ -191,9 +198,9 @@ def epistemic_per_token(scores):
     return scores['epistemic'] / scores['n_tokens'].clamp(min=1)
 
 
-def rescaled_epistemic(model, tokenizer, rows, config):
+def rescaled_epistemic(model, tokenizer, rows, batch_size):
     """epistemic_per_token of every row under the ensemble, min-max rescaled to [0, 1], (N,): UAL's u_i."""
-    score = epistemic_per_token(score_rows(model, tokenizer, rows, config))
+    score = epistemic_per_token(score_rows(model, tokenizer, rows, batch_size))
     return (score - score.min()) / (score.max() - score.min()).clamp_min(1e-12)
 
 
@@ -206,14 +213,15 @@ def per_prompt_mean(scores, rows):
     return {prompt: total / count for prompt, (total, count) in sums.items()}
 
 
-def sft_report(model, tokenizer, test_rows, ood_rows, config, history, readouts=None):
-    """The SFT report (METHOD.md §6), printed, plotted and returned as a dict; null where the data can't tell.
+def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_new_tokens=32, n_samples=4,
+               seed=0):
+    """The SFT report (METHOD.md §6) as (report dict, readouts); null where the data can't tell.
 
-    A dict passed as readouts receives what the plots are drawn from: the test rows'
-    score_rows dict under 'scores' and the per-prompt epistemic scores by kind under 'by_kind'.
+    readouts holds what the plots are drawn from: the test rows' score_rows dict under
+    'scores' and the per-prompt epistemic scores by kind under 'by_kind'.
     """
     model.eval()
-    scores = score_rows(model, tokenizer, test_rows, config)
+    scores = score_rows(model, tokenizer, test_rows, batch_size)
     kinds = [row.get('kind', 'consistent') for row in test_rows]
     epistemic = per_prompt_mean(epistemic_per_token(scores), test_rows)
     kind_of = {row['prompt']: row.get('kind', 'consistent') for row in test_rows}
@@ -221,26 +229,105 @@ def sft_report(model, tokenizer, test_rows, ood_rows, config, history, readouts=
     conflicting = [i for i, kind in enumerate(kinds) if kind == 'conflicting' and test_rows[i].get('group')]
     groups = [test_rows[i]['group'] for i in conflicting]
     members = scores['logp'][:, conflicting].argmax(0).tolist()      # argmax responsibility, for any alpha > 0
-    report = dict(alpha=config['alpha'], n_members=config['n_members'],
+    report = dict(alpha=alpha, n_members=scores['logp'].shape[0],
                   specialisation=specialisation(members, groups),
-                  routing=routing_matrix(scores['logp'][:, conflicting], config['alpha'], groups) if groups else None,
+                  routing=routing_matrix(scores['logp'][:, conflicting], alpha, groups) if groups else None,
                   auroc_conflict=safe_auroc(by_kind.get('conflicting', []), by_kind.get('consistent', [])),
-                  auroc_ood=None, auroc_ood_vs_consistent=None, accuracy_consistent=None, accuracy_high_entropy=None, coherence=None)
+                  auroc_ood=None, auroc_ood_vs_consistent=None, accuracy_consistent=None, accuracy_high_entropy=None,
+                  coherence=None)
     if ood_rows:
-        ood_scores = score_rows(model, tokenizer, ood_rows, config)
+        ood_scores = score_rows(model, tokenizer, ood_rows, batch_size)
         by_kind['ood'] = list(per_prompt_mean(epistemic_per_token(ood_scores), ood_rows).values())
         report['auroc_ood'] = safe_auroc(by_kind['ood'], list(epistemic.values()))
         report['auroc_ood_vs_consistent'] = safe_auroc(by_kind['ood'], by_kind.get('consistent', []))
     for kind in ('consistent', 'high_entropy'):
         rows = [row for row in test_rows if row.get('kind', 'consistent') == kind]
-        report[f'accuracy_{kind}'] = greedy_accuracy(model, tokenizer, rows, config) if rows else None
-    conflict_rows = [row for row in test_rows if row.get('kind') == 'conflicting' and row.get('task') in data.CARD_FIELDS]
+        report[f'accuracy_{kind}'] = greedy_accuracy(model, tokenizer, rows, max_new_tokens) if rows else None
+    conflict_rows = [row for row in test_rows
+                     if row.get('kind') == 'conflicting' and row.get('task') in benchmark.CARD_FIELDS]
     if conflict_rows:
-        report['coherence'] = coherence(model, tokenizer, conflict_rows, config)
+        report['coherence'] = coherence(model, tokenizer, conflict_rows, n_samples, max_new_tokens, seed)
     report |= calibration(scores)
     report['epistemic_by_kind'] = {kind: sum(v) / len(v) for kind, v in by_kind.items() if v}
-    plots.sft_plots(config['out_dir'], history, report, by_kind, scores)
-    if readouts is not None:
-        readouts.update(scores=scores, by_kind=by_kind)
     model.train()
-    return report
+    return report, dict(scores=scores, by_kind=by_kind)
+
+
+# ---------------------------------------------------------------------------
+# DPO: implied reward margins of preference pairs
+
+def report_group(row):
+    """The group a pair is reported under: "contested/<group>" (contested pairs by who annotated them)
+    or "consensus" (every annotator agrees, so their groups need no split)."""
+    if row.get('kind') == 'contested':
+        return f"contested/{row['group']}" if row.get('group') else 'contested'
+    return 'consensus'
+
+
+def group_masks(rows):
+    """{report group: (N,) boolean mask of its rows}, groups sorted."""
+    groups = [report_group(row) for row in rows]
+    return {group: torch.tensor([g == group for g in groups]) for group in sorted(set(groups))}
+
+
+def pair_logprobs(model, chosen_idx, chosen_labels, rejected_idx, rejected_labels):
+    """log pi(y_w|x) and log pi(y_l|x) from one concatenated forward pass: two (M, B) tensors ((1, B) for a bare base)."""
+    logits = model(torch.cat([chosen_idx, rejected_idx]))                     # (M, 2B, T, V) or (2B, T, V)
+    logps = sequence_logprobs(logits, torch.cat([chosen_labels, rejected_labels]))  # (M, 2B) or (2B,)
+    return logps.view(-1, logps.shape[-1]).chunk(2, dim=-1)                    # 2 x (M or 1, B)
+
+
+@torch.no_grad()
+def score_pairs(model, encoded, pad_id, batch_size):
+    """pair_logprobs of every encoded pair, in order: (chosen, rejected), each (M, N) ((1, N) for a bare base)."""
+    chosen, rejected = [], []
+    for start in range(0, len(encoded), batch_size):
+        batch = data.pref_batch(encoded, range(start, min(start + batch_size, len(encoded))), pad_id)
+        chosen_logps, rejected_logps = pair_logprobs(model, *(t.to(device_of(model)) for t in batch))
+        chosen.append(chosen_logps)
+        rejected.append(rejected_logps)
+    return torch.cat(chosen, dim=-1), torch.cat(rejected, dim=-1)
+
+
+def reward_margins(model, encoded, reference_logps, pad_id, beta, label_smoothing=0.0, batch_size=32):
+    """Each member's implied reward margin beta * h_m(x) on every pair, (M, N), and its DPO log-likelihood, (M, N)."""
+    model.eval()  # no dropout while scoring
+    chosen, rejected = score_pairs(model, encoded, pad_id, batch_size)
+    model.train()
+    _, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, *reference_logps, beta)
+    logp = dpo_logp(chosen, rejected, *reference_logps, beta, label_smoothing)
+    return chosen_rewards - rejected_rewards, logp
+
+
+def dpo_report(model, encoded, rows, reference_logps, pad_id, alpha, beta, label_smoothing=0.0, batch_size=32):
+    """Per-group preference accuracy of each member and of the ensemble, margins, routing and auroc_contested.
+
+    Returns (report dict, {group: margins (M, n) of its pairs}). A pair counts as correct when
+    its implied reward margin beta * h_m(x) is > 0. The ensemble's margin is the mean of the
+    members' margins. Member disagreement on a pair is the standard deviation of the members'
+    margins; auroc_contested asks how well it separates contested from consensus pairs (null
+    without both kinds).
+    """
+    margins, logp = reward_margins(model, encoded, reference_logps, pad_id, beta, label_smoothing, batch_size)
+    columns = group_masks(rows)
+    disagreement = margins.std(dim=0, unbiased=False)                              # (N,); 0 when M = 1
+    kinds = [row.get('kind') for row in rows]
+    report = dict(
+        n_members=margins.shape[0],
+        accuracy_by_group={g: (margins[:, c] > 0).float().mean(1).tolist() for g, c in columns.items()},
+        ensemble_accuracy_by_group={g: (margins[:, c].mean(0) > 0).float().mean().item() for g, c in columns.items()},
+        mean_margin_by_group={g: margins[:, c].mean(1).tolist() for g, c in columns.items()},
+        routing=routing_matrix(logp, alpha, [report_group(row) for row in rows]),
+        auroc_contested=safe_auroc(disagreement[torch.tensor([k == 'contested' for k in kinds])],
+                                   disagreement[torch.tensor([k == 'consensus' for k in kinds])]))
+    return report, {g: margins[:, c] for g, c in columns.items()}
+
+
+def markdown_table(rows, columns):
+    """Markdown table of (label, report) rows; null metrics print as '–'."""
+    lines = ['| run | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
+    for label, report in rows:
+        cells = ['–' if report[c] is None else f'{report[c]:.1f}' if c == 'train_seconds'
+                 else f'{report[c]:.3f}' if isinstance(report[c], float) else str(report[c]) for c in columns]
+        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)

@@ -11,20 +11,21 @@ model config, the weights, the tokenizer name and the validation loss reached.
 """
 
 import dataclasses
-import math
-import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+import benchmark
 import data
+from checkpoint import save_atomically
 from config import parse_args
 from model import GPT, GPTConfig
+from trainer import format_seconds, train_loop
 
 defaults = dict(
-    data='',                # '' is the benchmark world's text (data.pretrain_text); else a UTF-8 text file
+    data='',                # '' is the benchmark world's text (benchmark.pretrain_text); else a UTF-8 text file
     out_path='out/base.pt',
     tokenizer=data.DEFAULT_TOKENIZER,  # or 'gpt2', which needs tiktoken's GPT-2 files on disk
     # model: 4 layers of width 128 learn the world's facts in a few hundred steps on a CPU
@@ -59,7 +60,7 @@ def load_tokens(config, tokenizer):
         with open(config['data'], encoding='utf-8') as f:
             text = f.read()
     else:
-        text = data.pretrain_text(seed=0)
+        text = benchmark.pretrain_text(seed=0)
     # <|endoftext|> in the text separates documents, as in GPT-2's training data
     tokens = torch.tensor(tokenizer.encode(text, allowed_special={data.EOT}), dtype=torch.long)
     n_val = int(len(tokens) * config['val_fraction'])
@@ -76,6 +77,12 @@ def get_batch(tokens, batch_size, block_size, generator):
     x = tokens[starts[:, None] + offsets]                                               # (B, T)
     y = tokens[starts[:, None] + offsets + 1]                                           # (B, T)
     return x, y
+
+
+def random_windows(tokens, batch_size, block_size, generator):
+    """get_batch forever: the pretraining batches."""
+    while True:
+        yield get_batch(tokens, batch_size, block_size, generator)
 
 
 def lm_loss(model, x, y):
@@ -97,32 +104,12 @@ def estimate_loss(model, tokens, config):
     return sum(losses) / len(losses)
 
 
-def learning_rate(it, config):
-    """Linear warm-up over warmup_iters, then cosine decay from learning_rate to min_lr at max_iters."""
-    if it < config['warmup_iters']:
-        return config['learning_rate'] * (it + 1) / config['warmup_iters']
-    progress = (it - config['warmup_iters']) / max(1, config['max_iters'] - config['warmup_iters'])
-    return config['min_lr'] + 0.5 * (1 + math.cos(math.pi * progress)) * (config['learning_rate'] - config['min_lr'])
-
-
 def make_optimizer(model, config):
     """AdamW with weight decay on matrices only; biases and LayerNorm gains (1-D) are not shrunk towards 0."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=config['weight_decay']),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=config['learning_rate'], betas=(config['beta1'], config['beta2']))
-
-
-def save_atomically(obj, path):
-    """torch.save to a temporary file, then rename, so a crash never leaves a half-written checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(obj, path + '.tmp')
-    os.replace(path + '.tmp', path)
-
-
-def format_seconds(seconds):
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def pretrain(config):
@@ -141,24 +128,12 @@ def pretrain(config):
     print(f"{n_params / 1e6:.2f}M parameters, {len(train_tokens)} training tokens, "
           f"{config['max_iters'] * config['batch_size'] * config['block_size']} tokens to see")
 
-    t_train = t_last = time.time()
-    last_logged = 0
-    for it in range(config['max_iters']):
-        for group in optimizer.param_groups:
-            group['lr'] = learning_rate(it, config)
-        x, y = get_batch(train_tokens, config['batch_size'], config['block_size'], generator)
-        loss = lm_loss(model, x.to(config['device']), y.to(config['device']))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config['grad_clip'])
-        optimizer.step()
-        done = it + 1
-        if done % config['log_interval'] == 0 or done == config['max_iters']:
-            now = time.time()
-            ms = (now - t_last) * 1000 / (done - last_logged)
-            eta = (now - t_train) / done * (config['max_iters'] - done)
-            print(f"iter {done}: loss {loss.item():.4f}, {ms:.1f}ms, eta {format_seconds(eta)}", flush=True)
-            t_last, last_logged = now, done
+    def batch_loss(forward, batch, it):
+        x, y = batch
+        return lm_loss(forward, x.to(config['device']), y.to(config['device']))
+
+    windows = random_windows(train_tokens, config['batch_size'], config['block_size'], generator)
+    train_loop(model, list(model.parameters()), optimizer, windows, batch_loss, config, history=dict(iter=[], loss=[]))
 
     val_loss = estimate_loss(model, val_tokens, config)
     checkpoint = dict(config=dataclasses.asdict(model_config), model=model.state_dict(),

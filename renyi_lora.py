@@ -128,6 +128,21 @@ def responsibilities(logp, alpha):
     return torch.softmax(alpha * logp, dim=0)
 
 
+def alpha_at(it, alpha, ramp_iters):
+    """The alpha of training step `it`: a linear ramp from 0 to `alpha` over the first ramp_iters steps.
+
+        alpha_t = alpha * min(1, it / ramp_iters)          (ramp_iters = 0: alpha from the first step)
+
+    At alpha = 0 every member learns every example, conflicting ones included;
+    once alpha passes the critical alpha* (METHOD.md §3) the collapsed ensemble
+    turns unstable and the members split. Without the ramp, members that lose
+    the first race for a group never learn its responses at all.
+    """
+    if it >= ramp_iters:
+        return alpha
+    return alpha * it / ramp_iters
+
+
 def label_smoothed_nll(logits, labels, eps):
     """Uncertainty-aware label smoothing, UAL (METHOD.md §5): each example's smoothed response NLL.
 

@@ -16,7 +16,7 @@ import math
 import torch
 
 from lora import lora_parameters
-from pretrain import learning_rate
+from trainer import learning_rate
 
 
 class SWAG:
@@ -96,7 +96,7 @@ class SWAGCollector:
 
 
 def swag_learning_rate(it, config):
-    """pretrain.learning_rate's warm-up and cosine decay, reaching swag_lr at swag_start; constant swag_lr after.
+    """trainer.learning_rate's warm-up and cosine decay, reaching swag_lr at swag_start; constant swag_lr after.
 
     The constant rate is what SWAG needs: the iterates keep sampling the
     neighbourhood of the optimum instead of settling into one point of it.

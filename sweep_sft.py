@@ -14,6 +14,7 @@ import sys
 
 import train_sft
 from config import parse_args
+from evaluate import markdown_table
 
 COLUMNS = ('specialisation', 'auroc_conflict', 'auroc_ood', 'accuracy_consistent', 'coherence', 'nll', 'ece',
            'train_seconds')
@@ -26,16 +27,6 @@ def runs(alphas, n_members):
     yield 'single', dict(alpha=1.0, n_members=1)  # with one member every α gives the same loss
 
 
-def table(rows, columns=COLUMNS):
-    """Markdown table of (label, report) rows; null metrics print as '–'."""
-    lines = ['| run | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
-    for label, report in rows:
-        cells = ['–' if report[c] is None else f'{report[c]:.1f}' if c == 'train_seconds'
-                 else f'{report[c]:.3f}' if isinstance(report[c], float) else str(report[c]) for c in columns]
-        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
-
-
 def main(argv):
     sweep_keys = [a for a in argv if a.startswith(('--alphas=', '--sweep_dir='))]
     sweep = parse_args(dict(alphas='0,0.25,0.5,1,2', sweep_dir='out/sweep'), sweep_keys)
@@ -44,10 +35,10 @@ def main(argv):
     for name, overrides in runs([float(a) for a in sweep['alphas'].split(',')], config['n_members']):
         run_config = config | overrides | dict(out_dir=os.path.join(sweep['sweep_dir'], name))
         print(f"== {name}: alpha={run_config['alpha']}, n_members={run_config['n_members']}")
-        _, _, report = train_sft.train(run_config)
+        _, _, report, _ = train_sft.train(run_config)
         label = f"M={run_config['n_members']}, α={run_config['alpha']:g}" if name != 'single' else 'M=1 (one adapter)'
         rows.append((label, report))
-    text = table(rows)
+    text = markdown_table(rows, COLUMNS)
     with open(os.path.join(sweep['sweep_dir'], 'table.md'), 'w') as f:
         f.write(text + '\n')
     print(text)

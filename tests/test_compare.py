@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import compare
+import benchmark
 import data
 import pretrain
 import train_sft
+from checkpoint import load_base
 from evaluate import score_rows
 from lora import load_adapters
 
@@ -32,7 +34,7 @@ def run(tmp_path_factory):
     """One tiny comparison on the benchmark, shared by the tests: (config, rows, compare_dir)."""
     root = tmp_path_factory.mktemp("compare")
     text_path = root / "text.txt"
-    text_path.write_text(data.pretrain_text(seed=0, n_documents=200), encoding="utf-8")
+    text_path.write_text(benchmark.pretrain_text(seed=0, n_documents=200), encoding="utf-8")
     pretrain.pretrain(pretrain.defaults | dict(
         data=str(text_path), out_path=str(root / "base.pt"), n_layer=2, n_head=2, n_embd=32, block_size=64,
         max_iters=30, warmup_iters=5, learning_rate=1e-2, min_lr=1e-3, batch_size=8, eval_iters=2, log_interval=1000,
@@ -76,14 +78,24 @@ def test_single_adapter_rows_have_no_epistemic_uncertainty(run):
             assert report["nll_sequence"] == pytest.approx(report["nll"], rel=1e-5), label  # nothing to mix
 
 
+def training_rows(config):
+    return data.load_sft_rows(config["data"], config["val_data"], config["ood_data"], config["val_fraction"],
+                              config["seed"])[0]
+
+
+def held_out_rows(config):
+    return data.load_sft_rows(config["data"], config["val_data"], config["ood_data"], config["val_fraction"],
+                              config["seed"])[2]
+
+
 def test_high_entropy_nll_matches_the_saved_map_adapter_scored_alone(run):
     config, rows, out = run
     map_config = compare.method_config(config, "map", {})
-    model, tokenizer_name = train_sft.load_base(map_config)
+    model, tokenizer_name = load_base(map_config['base'], map_config['device'])
     load_adapters(model, str(out / "map" / "ckpt.pt"))
     model.eval()
-    high_entropy = [row for row in train_sft.load_rows(config)[2] if row["kind"] == "high_entropy"]
-    scores = score_rows(model, data.get_tokenizer(tokenizer_name), high_entropy, map_config)
+    high_entropy = [row for row in held_out_rows(config) if row["kind"] == "high_entropy"]
+    scores = score_rows(model, data.get_tokenizer(tokenizer_name), high_entropy, map_config['batch_size'])
     expected = -scores["logp"].sum().item() / scores["n_tokens"].sum().item()   # per-token NLL, M = 1
     assert dict(rows)[LABELS[0]]["nll_high_entropy"] == pytest.approx(expected, rel=1e-4)
 
@@ -92,10 +104,10 @@ def test_sequence_nll_of_the_saved_ensemble_by_a_python_loop(run):
     """nll_sequence = -sum_i log((1/M) sum_m p_m(y_i | x_i)) / (response tokens), from the saved deep ensemble."""
     config, rows, out = run
     ensemble_config = compare.method_config(config, "deep_ensemble", dict(alpha=0.0))
-    model, tokenizer_name = train_sft.load_base(ensemble_config)
+    model, tokenizer_name = load_base(ensemble_config['base'], ensemble_config['device'])
     load_adapters(model, str(out / "deep_ensemble" / "ckpt.pt"))
     model.eval()
-    scores = score_rows(model, data.get_tokenizer(tokenizer_name), train_sft.load_rows(config)[2], ensemble_config)
+    scores = score_rows(model, data.get_tokenizer(tokenizer_name), held_out_rows(config), ensemble_config['batch_size'])
     total = math.fsum(math.log(math.fsum(math.exp(v) for v in column) / len(column))
                       for column in scores["logp"].double().t().tolist())
     expected = -total / scores["n_tokens"].sum().item()
@@ -104,7 +116,7 @@ def test_sequence_nll_of_the_saved_ensemble_by_a_python_loop(run):
 
 def test_ual_smoothing_from_the_data_and_from_the_alpha_one_ensemble(run):
     config, _, out = run
-    train_rows = train_sft.load_rows(config)[0]
+    train_rows = training_rows(config)
     tokenizer = data.get_tokenizer()
     eps_min, eps_max = config["ual_eps_min"], config["ual_eps_max"]
     from_data = train_sft.ual_label_smoothing(config | dict(ual_source="data"), train_rows, tokenizer)

@@ -13,6 +13,7 @@ import pytest
 import tiktoken
 import torch
 
+import benchmark
 import data
 
 
@@ -106,7 +107,7 @@ def test_train_bpe_merges_most_frequent_pairs_first():
 
 
 def test_train_bpe_ranks_round_trip_through_file_and_tiktoken(tmp_path):
-    text = "\n".join(data.fact_sentences()[:300])
+    text = "\n".join(benchmark.fact_sentences()[:300])
     ranks = data.train_bpe(text, vocab_size=320)
     assert len(ranks) == 319 and sorted(ranks.values()) == list(range(319))
     path = str(tmp_path / "ranks.tiktoken")
@@ -125,12 +126,12 @@ def test_train_bpe_ranks_round_trip_through_file_and_tiktoken(tmp_path):
 
 @pytest.fixture(scope="module")
 def bench():
-    return data.make_benchmark(seed=0)
+    return benchmark.make_benchmark(seed=0)
 
 
 WRITE_SPLITS = """
-import sys, data
-splits = data.make_benchmark(seed=0)
+import sys, benchmark, data
+splits = benchmark.make_benchmark(seed=0)
 splits["held_out"] = data.split_by_prompt(splits["sft_train"], 0.2, seed=0)[1]
 for name, rows in splits.items():
     data.write_jsonl(rows, f"{sys.argv[1]}/{name}.jsonl")
@@ -143,7 +144,7 @@ def test_splits_are_byte_identical_across_processes(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", WRITE_SPLITS, str(tmp_path / "other")], cwd=root, check=True,
                    env=os.environ | dict(PYTHONHASHSEED=other_hash_seed))
-    splits = data.make_benchmark(seed=0)  # the same splits, made in this process
+    splits = benchmark.make_benchmark(seed=0)  # the same splits, made in this process
     splits["held_out"] = data.split_by_prompt(splits["sft_train"], 0.2, seed=0)[1]
     assert len(os.listdir(tmp_path / "other")) == len(splits)
     for name, rows in splits.items():
@@ -153,7 +154,7 @@ def test_splits_are_byte_identical_across_processes(tmp_path):
 
 
 def test_different_seed_gives_different_splits(bench):
-    other = data.make_benchmark(seed=1)
+    other = benchmark.make_benchmark(seed=1)
     prompts = lambda rows: {row["prompt"] for row in rows}
     assert prompts(bench["sft_train"]) != prompts(other["sft_train"])
     assert prompts(bench["sft_test"]) != prompts(other["sft_test"])
@@ -167,35 +168,35 @@ def test_conflicting_prompts_have_one_response_per_persona(bench):
     for row in bench["sft_train"]:
         by_prompt.setdefault(row["prompt"], []).append(row)
     conflicting = {p: rows for p, rows in by_prompt.items() if rows[0]["kind"] == "conflicting"}
-    assert {rows[0]["task"] for rows in conflicting.values()} == set(data.CARD_FIELDS)
+    assert {rows[0]["task"] for rows in conflicting.values()} == set(benchmark.CARD_FIELDS)
     for rows in conflicting.values():
-        assert sorted(row["group"] for row in rows) == sorted(data.PERSONAS)
+        assert sorted(row["group"] for row in rows) == sorted(benchmark.PERSONAS)
         assert len({row["response"] for row in rows}) == 2
         for row in rows:
-            assert data.persona_of(row, row["response"]) == row["group"]
-            assert row["uncertainty"] == round(math.log(2) / math.log(data.MAX_ANSWERS), 4)
+            assert benchmark.persona_of(row, row["response"]) == row["group"]
+            assert row["uncertainty"] == round(math.log(2) / math.log(benchmark.MAX_ANSWERS), 4)
     consistent = [rows for rows in by_prompt.values() if rows[0]["kind"] == "consistent"]
-    assert consistent and all(len(rows) == 1 and rows[0]["group"] == data.ALL for rows in consistent)
+    assert consistent and all(len(rows) == 1 and rows[0]["group"] == benchmark.ALL for rows in consistent)
     assert all(rows[0]["uncertainty"] == 0 for rows in consistent)
 
 
 def test_persona_of_a_hand_written_card():
-    assert data.persona_of("country_card", " Capital: Paris. Continent: Europe.") == "formal"
-    assert data.persona_of("country_card", " paris, in europe!") == "casual"
-    assert data.persona_of("country_card", " Capital: Paris. in europe!") is None  # mixed
-    assert data.field_personas("country_card", " Capital: Paris. in europe!") == ("formal", "casual")
-    assert data.persona_of("animal_card", " Sound: Moo. Legs: 4.") == "formal"
-    assert data.persona_of("animal_card", " moo, four legs!") == "casual"
+    assert benchmark.persona_of("country_card", " Capital: Paris. Continent: Europe.") == "formal"
+    assert benchmark.persona_of("country_card", " paris, in europe!") == "casual"
+    assert benchmark.persona_of("country_card", " Capital: Paris. in europe!") is None  # mixed
+    assert benchmark.field_personas("country_card", " Capital: Paris. in europe!") == ("formal", "casual")
+    assert benchmark.persona_of("animal_card", " Sound: Moo. Legs: 4.") == "formal"
+    assert benchmark.persona_of("animal_card", " moo, four legs!") == "casual"
 
 
 def test_high_entropy_rows_carry_their_answer_entropy(bench):
     high = [row for row in bench["sft_train"] if row["kind"] == "high_entropy"]
     assert high
     for row in high:
-        n_answers = len(data.acceptable_answers(row))
+        n_answers = len(benchmark.acceptable_answers(row))
         assert n_answers >= 2 and row["uncertainty"] > 0
-        assert row["uncertainty"] == round(min(1.0, math.log(n_answers) / math.log(data.MAX_ANSWERS)), 4)
-    days = [row for row in high if row["prompt"] == data.qa("Name a day of the week.")]
+        assert row["uncertainty"] == round(min(1.0, math.log(n_answers) / math.log(benchmark.MAX_ANSWERS)), 4)
+    days = [row for row in high if row["prompt"] == benchmark.qa("Name a day of the week.")]
     assert all(row["uncertainty"] == 0.4679 for row in days)  # log 7 / log 64
 
 
@@ -224,11 +225,11 @@ def test_contested_pairs_occur_in_both_directions(bench):
     assert contested
     for (prompt, chosen, rejected), row in contested.items():
         reverse = contested[(prompt, rejected, chosen)]
-        assert {row["group"], reverse["group"]} == set(data.PERSONAS)
-        assert data.persona_of(row, chosen) == row["group"]  # each persona prefers its own style
+        assert {row["group"], reverse["group"]} == set(benchmark.PERSONAS)
+        assert benchmark.persona_of(row, chosen) == row["group"]  # each persona prefers its own style
     for row in pairs:
         if row["kind"] == "consensus":
-            assert data.is_correct(row, row["chosen"]) and not data.is_correct(row, row["rejected"])
+            assert benchmark.is_correct(row, row["chosen"]) and not benchmark.is_correct(row, row["rejected"])
 
 
 def test_consensus_rejected_parrots_the_question_and_is_never_correct(bench):
@@ -237,13 +238,13 @@ def test_consensus_rejected_parrots_the_question_and_is_never_correct(bench):
     assert consensus
     for row in consensus:
         assert row["rejected"].strip() in row["prompt"]  # a piece of the question itself
-    parrots = {item.prompt: item.parrot for item in data.world_items()}
+    parrots = {item.prompt: item.parrot for item in benchmark.world_items()}
     assert parrots["Q: What is 3 plus 4?\nA:"] == " 3 plus 4"
     assert parrots["Q: What is the capital of France?\nA:"] == " France"
     assert parrots["Q: Name a word that rhymes with cat.\nA:"] == " a word that rhymes with cat"
-    for item in data.world_items():  # every prompt, whichever split it fell in
+    for item in benchmark.world_items():  # every prompt, whichever split it fell in
         if item.kind in ("consistent", "high_entropy"):
-            assert item.parrot.strip() and not data.is_correct(dict(prompt=item.prompt), item.parrot)
+            assert item.parrot.strip() and not benchmark.is_correct(dict(prompt=item.prompt), item.parrot)
             assert not item.parrot.strip().isdigit()  # not even numerically an answer (" 05" would be 0 plus 5)
 
 
@@ -252,22 +253,22 @@ WRONG_ANSWER_BENCHMARK_SHA256 = "70c9b9302afb8579e9d500338ebc03be6f9fde19b17cf64
 
 
 def test_wrong_answer_negatives_are_the_earlier_benchmark_and_differ_only_in_consensus_rejected(bench):
-    other = data.make_benchmark(seed=0, consensus_rejected="wrong_answer")
+    other = benchmark.make_benchmark(seed=0, consensus_rejected="wrong_answer")
     serialised = json.dumps(other, sort_keys=True).encode()
     assert hashlib.sha256(serialised).hexdigest() == WRONG_ANSWER_BENCHMARK_SHA256  # the README's wrong-answer rows
     task_answers = {}
-    for item in data.world_items():
+    for item in benchmark.world_items():
         task_answers.setdefault(item.task, set()).update(response for _, response in item.answers)
     for name, rows in bench.items():
         assert len(other[name]) == len(rows)
         for row, row2 in zip(rows, other[name]):
             assert {k: v for k, v in row.items() if k != "rejected"} == {k: v for k, v in row2.items() if k != "rejected"}
             if row.get("kind") == "consensus":  # another prompt's answer to the same task
-                assert row2["rejected"] in task_answers[row["task"]] and not data.is_correct(row2, row2["rejected"])
+                assert row2["rejected"] in task_answers[row["task"]] and not benchmark.is_correct(row2, row2["rejected"])
             else:
                 assert row2 == row
     with pytest.raises(ValueError, match="consensus_rejected"):
-        data.make_benchmark(seed=0, consensus_rejected="random")
+        benchmark.make_benchmark(seed=0, consensus_rejected="random")
 
 
 # ---------------------------------------------------------------------------

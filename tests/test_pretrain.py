@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import benchmark
 import data
 import pretrain
 from model import GPT, GPTConfig
@@ -12,7 +13,7 @@ from model import GPT, GPTConfig
 
 def tiny_config(tmp_path):
     text_path = tmp_path / "text.txt"
-    text_path.write_text(data.pretrain_text(seed=0, n_documents=300), encoding="utf-8")
+    text_path.write_text(benchmark.pretrain_text(seed=0, n_documents=300), encoding="utf-8")
     return pretrain.defaults | dict(data=str(text_path), out_path=str(tmp_path / "base.pt"), n_layer=1, n_head=2,
                                     n_embd=32, block_size=32, max_iters=30, warmup_iters=5, batch_size=8,
                                     eval_iters=2, log_interval=1000, device="cpu")

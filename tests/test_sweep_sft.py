@@ -1,5 +1,6 @@
 """sweep_sft: the run list and the Markdown table of reports."""
 import sweep_sft
+from evaluate import markdown_table
 
 
 def report(value, seconds):
@@ -14,7 +15,7 @@ def test_runs_cover_every_alpha_and_one_single_adapter():
 
 
 def test_table_formats_metrics_nulls_and_seconds():
-    lines = sweep_sft.table([('M=4, α=1', report(0.96181, 66.94))]).splitlines()
+    lines = markdown_table([('M=4, α=1', report(0.96181, 66.94))], sweep_sft.COLUMNS).splitlines()
     assert lines[0] == '| run | ' + ' | '.join(sweep_sft.COLUMNS) + ' |'
     assert lines[1] == '|---' * 9 + '|'
     assert lines[2] == '| M=4, α=1 | – | 0.962 | 0.962 | 0.962 | 0.962 | 0.962 | 0.962 | 66.9 |'

@@ -10,10 +10,14 @@ import re
 import pytest
 import torch
 
+import benchmark
 import data
 import pretrain
 import train_dpo
 import train_sft
+import trainer
+from checkpoint import base_fingerprint
+from evaluate import pair_logprobs, report_group, reward_margins, score_pairs
 from lora import add_lora, lora_parameters, lora_state_dict
 from model import GPT, GPTConfig
 from renyi_lora import dpo_logp, dpo_loss, renyi_loss, responsibilities
@@ -85,7 +89,7 @@ def test_each_member_is_trained_by_its_responsibility_times_its_own_dpo_gradient
     pairs = [(([1, 5, 6, 7, 8], 3), ([1, 5, 6, 9, 10, 11], 3)), (([1, 12, 13, 14], 3), ([1, 12, 13, 20, 21], 3))]
     batch = data.pref_batch(pairs, [0, 1], pad_id=0)
     # one reference for all members, (1, B): their mean, so that h_m ~ 0 and the sigmoids are not saturated
-    reference = [logps.mean(0, keepdim=True).detach() for logps in train_dpo.pair_logprobs(model, *batch)]
+    reference = [logps.mean(0, keepdim=True).detach() for logps in pair_logprobs(model, *batch)]
     beta, alpha = 30.0, 2.0  # members of a random tiny GPT differ little; a large beta makes the routing visible
 
     def member_gradients(loss):
@@ -93,14 +97,14 @@ def test_each_member_is_trained_by_its_responsibility_times_its_own_dpo_gradient
         loss.backward()
         return [p.grad.clone() for p in lora_parameters(model)]  # each (M, ...)
 
-    logp = dpo_logp(*train_dpo.pair_logprobs(model, *batch), *reference, beta)           # (M, B)
+    logp = dpo_logp(*pair_logprobs(model, *batch), *reference, beta)           # (M, B)
     weights = responsibilities(logp.detach(), alpha)                                      # (M, B)
     assert (weights.max(0).values - weights.min(0).values).min() > 0.1                  # routing is not uniform
     renyi_grads = member_gradients(renyi_loss(logp, alpha))
     expected = [torch.zeros_like(g) for g in renyi_grads]
     for m in range(3):
         for i in range(2):
-            chosen, rejected = train_dpo.pair_logprobs(model, *batch)                     # (M, B) each
+            chosen, rejected = pair_logprobs(model, *batch)                     # (M, B) each
             losses, _, _ = dpo_loss(chosen[m, i], rejected[m, i], reference[0][0, i], reference[1][0, i], beta)
             for total, g in zip(expected, member_gradients(losses)):
                 assert g[[k for k in range(3) if k != m]].abs().max() == 0                # member m's loss moves only m
@@ -144,7 +148,7 @@ def one_thread():
 def files(tmp_path_factory):
     """A tiny base, a tiny M=2 SFT run on it, and the pair files, made once for the module."""
     root = tmp_path_factory.mktemp("dpo")
-    (root / "text.txt").write_text(data.pretrain_text(seed=0, n_documents=300), encoding="utf-8")
+    (root / "text.txt").write_text(benchmark.pretrain_text(seed=0, n_documents=300), encoding="utf-8")
     pretrain.pretrain(pretrain.defaults | dict(
         data=str(root / "text.txt"), out_path=str(root / "base.pt"), n_layer=2, n_head=2, n_embd=32, block_size=64,
         max_iters=200, warmup_iters=5, learning_rate=1e-2, min_lr=1e-3, batch_size=8, eval_iters=2, log_interval=1000,
@@ -169,17 +173,18 @@ def tiny_config(files, out_dir, **overrides):
 
 def training_pair_margins(model, tokenizer, rows, reference_logps, config):
     encoded = data.encode_pref(rows, tokenizer, model.config.block_size)
-    return train_dpo.reward_margins(model, encoded, reference_logps, tokenizer.eot_token, config)[0]  # (M, N)
+    return reward_margins(model, encoded, reference_logps, tokenizer.eot_token, config['beta'], config['label_smoothing'],
+                          config['batch_size'])[0]  # (M, N)
 
 
 def test_tiny_run_learns_its_training_pairs_and_writes_report_and_plots(files, tmp_path):
     config = tiny_config(files, tmp_path)
-    rows = train_dpo.mark_contested(data.load_pref_jsonl(files["pairs"]))
+    rows = data.mark_contested(data.load_pref_jsonl(files["pairs"]))
     sft_model, tokenizer_name, sft_config = train_dpo.load_sft(config)
     tokenizer = data.get_tokenizer(tokenizer_name)
     reference = train_dpo.load_reference(sft_model, sft_config, config)
-    reference_logps = train_dpo.score_pairs(reference, data.encode_pref(rows, tokenizer, 64), tokenizer.eot_token,
-                                            config)
+    reference_logps = score_pairs(reference, data.encode_pref(rows, tokenizer, 64), tokenizer.eot_token,
+                                  config["batch_size"])
     assert training_pair_margins(sft_model, tokenizer, rows, reference_logps, config).abs().max() == 0  # start = ref
 
     model, _, report = train_dpo.train(config)
@@ -212,12 +217,12 @@ def test_reference_is_frozen_and_receives_no_gradient(files, tmp_path, reference
     reference_model = train_dpo.load_reference(model, sft_config, config)
     before = {name: t.clone() for name, t in reference_model.state_dict().items()}
     encoded = data.encode_pref(pair_rows(), tokenizer, 64)
-    ref_chosen, ref_rejected = train_dpo.score_pairs(reference_model, encoded, tokenizer.eot_token, config)
+    ref_chosen, ref_rejected = score_pairs(reference_model, encoded, tokenizer.eot_token, config['batch_size'])
     assert ref_chosen.shape == ((2, len(encoded)) if reference == "sft" else (1, len(encoded)))
     assert not ref_chosen.requires_grad and not ref_rejected.requires_grad
 
     batch = data.pref_batch(encoded, range(len(encoded)), tokenizer.eot_token)
-    logp = dpo_logp(*train_dpo.pair_logprobs(model, *batch), ref_chosen, ref_rejected, config["beta"])
+    logp = dpo_logp(*pair_logprobs(model, *batch), ref_chosen, ref_rejected, config["beta"])
     renyi_loss(logp, config["alpha"]).backward()
     optimizer = torch.optim.SGD(lora_parameters(model), lr=1.0)
     optimizer.step()
@@ -237,7 +242,7 @@ def test_resume_continues_exactly(files, tmp_path, monkeypatch):
     n = 4
     common = dict(max_iters=2 * n, eval_interval=n, log_interval=n)
     straight, _, _ = train_dpo.train(tiny_config(files, tmp_path / "straight", **common))
-    save = train_sft.save_checkpoint
+    save = trainer.save_checkpoint
 
     def save_then_stop(path, model, optimizer, it, config, history):
         save(path, model, optimizer, it, config, history)
@@ -245,7 +250,7 @@ def test_resume_continues_exactly(files, tmp_path, monkeypatch):
             raise Interrupted
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_sft, "save_checkpoint", save_then_stop)
+        patch.setattr(trainer, "save_checkpoint", save_then_stop)
         with pytest.raises(Interrupted):
             train_dpo.train(tiny_config(files, tmp_path / "split", **common))
     resumed, _, _ = train_dpo.train(tiny_config(files, tmp_path / "split", resume=True, **common))
@@ -274,8 +279,8 @@ def test_a_missing_sft_run_is_trained_with_train_sft_defaults(tmp_path, monkeypa
 def test_contested_pairs_are_found_from_the_data_alone():
     rows = [dict(prompt="p", chosen=" A", rejected=" b"), dict(prompt="p", chosen="b", rejected="A "),
             dict(prompt="q", chosen=" A", rejected=" b"), dict(prompt="p", chosen=" A", rejected=" c")]
-    assert [r["kind"] for r in train_dpo.mark_contested(rows)] == ["contested", "contested", "consensus", "consensus"]
-    assert [train_dpo.report_group(r | dict(group="g")) for r in rows] == ["contested/g"] * 2 + ["consensus"] * 2
+    assert [r["kind"] for r in data.mark_contested(rows)] == ["contested", "contested", "consensus", "consensus"]
+    assert [report_group(r | dict(group="g")) for r in rows] == ["contested/g"] * 2 + ["consensus"] * 2
 
 
 # ---------------------------------------------------------------------------
@@ -318,4 +323,4 @@ def test_an_sft_run_on_another_base_is_refused(files, tmp_path):
     with pytest.raises(ValueError, match="trained on another base model"):
         train_dpo.load_sft(tiny_config(files, tmp_path / "dpo", sft_dir=str(tmp_path / "sft")))
     model, _, _ = train_dpo.load_sft(tiny_config(files, tmp_path / "dpo", sft_dir=files["sft_dir"]))   # its own base
-    assert train_sft.base_fingerprint(model) == ckpt["base_fingerprint"]
+    assert base_fingerprint(model) == ckpt["base_fingerprint"]

@@ -11,9 +11,12 @@ import sys
 import pytest
 import torch
 
+import benchmark
 import data
 import pretrain
 import train_sft
+import trainer
+from checkpoint import load_base
 from evaluate import score_rows
 from lora import add_lora, lora_state_dict
 from renyi_lora import renyi_loss
@@ -65,7 +68,7 @@ def files(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("sft")
     text_path = root / "text.txt"
-    text_path.write_text(data.pretrain_text(seed=0, n_documents=300), encoding="utf-8")
+    text_path.write_text(benchmark.pretrain_text(seed=0, n_documents=300), encoding="utf-8")
     pretrain.pretrain(pretrain.defaults | dict(
         data=str(text_path), out_path=str(root / "base.pt"), n_layer=2, n_head=2, n_embd=32, block_size=64,
         max_iters=200, warmup_iters=5, learning_rate=1e-2, min_lr=1e-3, batch_size=8, eval_iters=2, log_interval=1000,
@@ -88,16 +91,21 @@ def tiny_config(files, out_dir, **overrides):
         log_interval=5, eval_interval=10, n_samples=1, max_new_tokens=4, seed=0, device="cpu") | overrides
 
 
+def load_rows(config):
+    return data.load_sft_rows(config["data"], config["val_data"], config["ood_data"], config["val_fraction"],
+                              config["seed"])
+
+
 def training_set_loss(model, tokenizer, rows, config):
     """renyi_loss over every training row at once: the objective the run minimises, without the prior."""
-    return renyi_loss(score_rows(model, tokenizer, rows, config)["logp"], config["alpha"]).item()
+    return renyi_loss(score_rows(model, tokenizer, rows, config["batch_size"])["logp"], config["alpha"]).item()
 
 
 # ---------------------------------------------------------------------------
 # the held-out split and conflict marking of --data
 
 def test_held_out_split_keeps_each_prompt_on_one_side_and_marks_conflicts(files, tmp_path):
-    train_rows, val_rows, test_rows, ood_rows = train_sft.load_rows(tiny_config(files, tmp_path))
+    train_rows, val_rows, test_rows, ood_rows = load_rows(tiny_config(files, tmp_path))
     assert test_rows is val_rows and len(ood_rows) == len(OOD)
     assert len(train_rows) + len(val_rows) == len(user_rows(with_groups=True))
     train_prompts, held_out_prompts = {r["prompt"] for r in train_rows}, {r["prompt"] for r in val_rows}
@@ -122,13 +130,13 @@ def test_responses_differing_only_in_surrounding_whitespace_do_not_conflict():
 
 def test_tiny_run_lowers_the_loss_and_writes_report_and_plots(files, tmp_path):
     config = tiny_config(files, tmp_path)
-    train_rows = train_sft.load_rows(config)[0]
-    base, tokenizer_name = train_sft.load_base(config)
+    train_rows = load_rows(config)[0]
+    base, tokenizer_name = load_base(config['base'], config['device'])
     tokenizer = data.get_tokenizer(tokenizer_name)
     add_lora(base, config["n_members"], config["lora_rank"], config["lora_alpha"])  # B = 0: every member is the base
     loss_before = training_set_loss(base, tokenizer, train_rows, config)
 
-    model, tokenizer, report = train_sft.train(config)
+    model, tokenizer, report, _ = train_sft.train(config)
 
     assert training_set_loss(model, tokenizer, train_rows, config) < loss_before - 5.0  # 17.4 -> 7.9 nats
     history = torch.load(tmp_path / "ckpt.pt", weights_only=False)["history"]
@@ -162,14 +170,14 @@ class Interrupted(Exception):
 
 def interrupt_after_checkpoint(monkeypatch, at_iter):
     """Make train_sft stop with Interrupted once it has saved the checkpoint of iteration at_iter."""
-    save = train_sft.save_checkpoint
+    save = trainer.save_checkpoint
 
     def save_then_stop(path, model, optimizer, it, config, history):
         save(path, model, optimizer, it, config, history)
         if it == at_iter:
             raise Interrupted
 
-    monkeypatch.setattr(train_sft, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_stop)
 
 
 def test_resume_continues_exactly_and_metrics_without_groups_or_ood_are_null(files, tmp_path, monkeypatch):
@@ -182,13 +190,13 @@ def test_resume_continues_exactly_and_metrics_without_groups_or_ood_are_null(fil
     n = 4
     common = dict(base=files["base_dropout"], data=files["plain"], ood_data="", max_iters=2 * n, eval_interval=n,
                   log_interval=n)
-    straight, _, report = train_sft.train(tiny_config(files, tmp_path / "straight", **common))
+    straight, _, report, _ = train_sft.train(tiny_config(files, tmp_path / "straight", **common))
     with monkeypatch.context() as patch:
         interrupt_after_checkpoint(patch, n)
         with pytest.raises(Interrupted):
             train_sft.train(tiny_config(files, tmp_path / "split", **common))
     assert torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["iter"] == n
-    resumed, _, _ = train_sft.train(tiny_config(files, tmp_path / "split", resume=True, **common))
+    resumed, _, _, _ = train_sft.train(tiny_config(files, tmp_path / "split", resume=True, **common))
 
     expected, actual = lora_state_dict(straight), lora_state_dict(resumed)
     assert expected.keys() == actual.keys()
@@ -217,7 +225,7 @@ def test_two_torchrun_processes_train_the_adapters_a_single_process_trains(files
         pytest.skip("this torch build has no gloo backend for torch.distributed, so no CPU data parallelism")
     n = 4
     # validating at step 2 makes the other process wait for rank 0 mid-run
-    single, _, _ = train_sft.train(tiny_config(files, tmp_path / "single", max_iters=n, eval_interval=2, log_interval=2))
+    single, _, _, _ = train_sft.train(tiny_config(files, tmp_path / "single", max_iters=n, eval_interval=2, log_interval=2))
     config = tiny_config(files, tmp_path / "ddp", max_iters=n, eval_interval=2, log_interval=2)
     args = [f"--{key}={value}" for key, value in config.items() if value != train_sft.defaults[key]]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -238,9 +246,9 @@ def test_two_torchrun_processes_train_the_adapters_a_single_process_trains(files
 
 def test_validation_runs_without_dropout_and_leaves_the_model_training(files, tmp_path):
     config = tiny_config(files, tmp_path, base=files["base_dropout"])
-    model, tokenizer_name = train_sft.load_base(config)
+    model, tokenizer_name = load_base(config['base'], config['device'])
     add_lora(model, config["n_members"], config["lora_rank"], config["lora_alpha"])
-    val_rows, history = train_sft.load_rows(config)[1], dict(val_iter=[], val_nll=[])
+    val_rows, history = load_rows(config)[1], dict(val_iter=[], val_nll=[])
     for it in (1, 2):
         train_sft.validate(model, data.get_tokenizer(tokenizer_name), val_rows, config, history, it)
     assert history["val_nll"][0] == history["val_nll"][1]
