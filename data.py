@@ -218,6 +218,21 @@ def mark_contested(rows):
     return rows
 
 
+def train_and_held_out(path, val_path, val_fraction, seed, load_jsonl, mark_kinds):
+    """(training rows, held-out rows) of a user's files: val_path's rows, or a seeded share of path's prompts.
+
+    load_jsonl reads a file (load_sft_jsonl or load_pref_jsonl); mark_kinds then sets every row's
+    kind from all the rows together (mark_conflicts or mark_contested).
+    """
+    rows = load_jsonl(path)
+    if val_path:
+        train_rows, held_out = rows, load_jsonl(val_path)
+    else:
+        train_rows, held_out = split_by_prompt(rows, val_fraction, seed=seed)
+    mark_kinds(train_rows + held_out)
+    return train_rows, held_out
+
+
 def load_sft_rows(path, val_path="", ood_path="", val_fraction=0.1, seed=0):
     """Train, validation, test and OOD SFT rows (dicts with prompt, response, kind, group, ...).
 
@@ -229,12 +244,7 @@ def load_sft_rows(path, val_path="", ood_path="", val_fraction=0.1, seed=0):
         import benchmark  # here, not at the top: benchmark.py builds on this module
         splits = benchmark.make_benchmark(seed=0)
         return splits["sft_train"], splits["sft_val"], splits["sft_test"], splits["ood"]
-    rows = load_sft_jsonl(path)
-    if val_path:
-        train_rows, held_out = rows, load_sft_jsonl(val_path)
-    else:
-        train_rows, held_out = split_by_prompt(rows, val_fraction, seed=seed)
-    mark_conflicts(train_rows + held_out)
+    train_rows, held_out = train_and_held_out(path, val_path, val_fraction, seed, load_sft_jsonl, mark_conflicts)
     ood_rows = load_sft_jsonl(ood_path) if ood_path else []
     return train_rows, held_out, held_out, ood_rows
 
@@ -248,12 +258,7 @@ def load_pref_rows(path, val_path="", val_fraction=0.1, seed=0):
         import benchmark  # here, not at the top: benchmark.py builds on this module
         splits = benchmark.make_benchmark(seed=0)
         return splits["dpo_train"], splits["dpo_val"], splits["dpo_test"]
-    rows = load_pref_jsonl(path)
-    if val_path:
-        train_rows, held_out = rows, load_pref_jsonl(val_path)
-    else:
-        train_rows, held_out = split_by_prompt(rows, val_fraction, seed=seed)
-    mark_contested(train_rows + held_out)
+    train_rows, held_out = train_and_held_out(path, val_path, val_fraction, seed, load_pref_jsonl, mark_contested)
     return train_rows, held_out, held_out
 
 

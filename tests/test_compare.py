@@ -8,9 +8,7 @@ import pytest
 import torch
 
 import compare
-import benchmark
 import data
-import pretrain
 import train_sft
 from checkpoint import load_base
 from evaluate import score_rows
@@ -21,26 +19,12 @@ LABELS = ["MAP LoRA (M=1)", "SWAG (S=4, from MAP)", "deep ensemble (M=2, α=0)",
           "α-Rényi (M=2, α=2)", "UAL, data u (M=1)", "UAL, ensemble u (M=1)"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_base):
     """One tiny comparison on the benchmark, shared by the tests: (config, rows, compare_dir)."""
     root = tmp_path_factory.mktemp("compare")
-    text_path = root / "text.txt"
-    text_path.write_text(benchmark.pretrain_text(seed=0, n_documents=200), encoding="utf-8")
-    pretrain.pretrain(pretrain.defaults | dict(
-        data=str(text_path), out_path=str(root / "base.pt"), n_layer=2, n_head=2, n_embd=32, block_size=64,
-        max_iters=30, warmup_iters=5, learning_rate=1e-2, min_lr=1e-3, batch_size=8, eval_iters=2, log_interval=1000,
-        device="cpu"))
     config = compare.defaults | dict(
-        base=str(root / "base.pt"), compare_dir=str(root / "out"), n_members=2, lora_rank=2, max_iters=8,
+        base=tiny_base, compare_dir=str(root / "out"), n_members=2, lora_rank=2, max_iters=8,
         batch_size=8, learning_rate=1e-2, warmup_iters=2, log_interval=8, eval_interval=8, swag_fraction=0.5,
         swag_every=1, swag_rank=3, swag_samples=4, samples_per_prompt=2, max_new_tokens=3, device="cpu", seed=0)
     rows = compare.compare(config)

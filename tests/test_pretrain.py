@@ -19,16 +19,7 @@ def tiny_config(tmp_path):
                                     eval_iters=2, log_interval=1000, device="cpu")
 
 
-@pytest.fixture
-def one_thread():
-    """A model this small runs fastest on one thread, and far slower on two when the CPU is shared."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
-
-
-def test_tiny_pretrain_lowers_loss_and_saves_a_loadable_checkpoint(tmp_path, one_thread):
+def test_tiny_pretrain_lowers_loss_and_saves_a_loadable_checkpoint(tmp_path):
     config = tiny_config(tmp_path)
     tokenizer = data.get_tokenizer(config["tokenizer"])
     _, val_tokens = pretrain.load_tokens(config, tokenizer)

@@ -10,9 +10,7 @@ import re
 import pytest
 import torch
 
-import benchmark
 import data
-import pretrain
 import train_dpo
 import train_sft
 import trainer
@@ -136,28 +134,15 @@ def pair_rows():
     return rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A tiny base, a tiny M=2 SFT run on it, and the pair files, made once for the module."""
+def files(tmp_path_factory, tiny_base):
+    """A tiny M=2 SFT run on the tiny base, and the pair files, made once for the module."""
     root = tmp_path_factory.mktemp("dpo")
-    (root / "text.txt").write_text(benchmark.pretrain_text(seed=0, n_documents=300), encoding="utf-8")
-    pretrain.pretrain(pretrain.defaults | dict(
-        data=str(root / "text.txt"), out_path=str(root / "base.pt"), n_layer=2, n_head=2, n_embd=32, block_size=64,
-        max_iters=200, warmup_iters=5, learning_rate=1e-2, min_lr=1e-3, batch_size=8, eval_iters=2, log_interval=1000,
-        device="cpu"))
     sft_rows = [dict(prompt=f"Q: {q}\nA:", response=r) for q, r in SFT_ROWS]
     sft_rows += [dict(prompt=f"Q: {q}\nA:", response=r) for q, formal, casual in CONTESTED for r in (formal, casual)]
     data.write_jsonl(sft_rows, root / "sft.jsonl")
     train_sft.train(train_sft.defaults | dict(
-        base=str(root / "base.pt"), data=str(root / "sft.jsonl"), val_data=str(root / "sft.jsonl"),
+        base=tiny_base, data=str(root / "sft.jsonl"), val_data=str(root / "sft.jsonl"),
         out_dir=str(root / "sft"), n_members=2, lora_rank=4, max_iters=20, batch_size=8, learning_rate=1e-2,
         warmup_iters=2, log_interval=1000, eval_interval=1000, n_samples=1, max_new_tokens=2, seed=0, device="cpu"))
     data.write_jsonl(pair_rows(), root / "pairs.jsonl")

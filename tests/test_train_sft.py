@@ -11,9 +11,7 @@ import sys
 import pytest
 import torch
 
-import benchmark
 import data
-import pretrain
 import train_sft
 import trainer
 from checkpoint import load_base
@@ -50,33 +48,14 @@ def user_rows(with_groups):
     return rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small train fastest on one thread, and far slower on two when the CPU is shared."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A tiny pretrained base checkpoint and the user's JSONL files, made once for the module.
-
-    200 steps make a base that 20 adapter steps can visibly fine-tune (17.4 -> 7.9 nats per
-    example); on a 30-step base they barely move the loss.
-    """
+def files(tmp_path_factory, tiny_base):
+    """The tiny base (also with dropout) and the user's JSONL files, made once for the module."""
     root = tmp_path_factory.mktemp("sft")
-    text_path = root / "text.txt"
-    text_path.write_text(benchmark.pretrain_text(seed=0, n_documents=300), encoding="utf-8")
-    pretrain.pretrain(pretrain.defaults | dict(
-        data=str(text_path), out_path=str(root / "base.pt"), n_layer=2, n_head=2, n_embd=32, block_size=64,
-        max_iters=200, warmup_iters=5, learning_rate=1e-2, min_lr=1e-3, batch_size=8, eval_iters=2, log_interval=1000,
-        device="cpu"))
-    checkpoint = torch.load(root / "base.pt", weights_only=True)
+    checkpoint = torch.load(tiny_base, weights_only=True)
     checkpoint["config"]["dropout"] = 0.1  # the same weights, but training now draws random numbers
     torch.save(checkpoint, root / "base_dropout.pt")
-    paths = dict(base=str(root / "base.pt"), base_dropout=str(root / "base_dropout.pt"),
+    paths = dict(base=tiny_base, base_dropout=str(root / "base_dropout.pt"),
                  grouped=str(root / "grouped.jsonl"), plain=str(root / "plain.jsonl"), ood=str(root / "ood.jsonl"))
     data.write_jsonl(user_rows(with_groups=True), paths["grouped"])
     data.write_jsonl(user_rows(with_groups=False), paths["plain"])
