@@ -53,7 +53,7 @@ def score_batches(model, batches):
 
 @torch.no_grad()
 def greedy_decode(model, prompt, max_new_tokens, stop_token):
-    """Greedy decoding of the ensemble's predictive mixture p_bar = mean_m p_m.
+    """Greedy decoding of the equal-weight per-token mixture p_bar = mean_m p_m (METHOD.md §6).
 
     prompt: (B, T) prompts of equal length -> (B, T + new). Every member sees the
     same continuation, so the shared trunk applies at every step.
