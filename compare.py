@@ -47,7 +47,7 @@ defaults = train_sft.defaults | dict(
 )
 
 COLUMNS = ('accuracy_consistent', 'accuracy_high_entropy', 'accuracy_conflicting', 'nll', 'nll_high_entropy',
-           'nll_sequence', 'ece', 'brier', 'specialisation', 'coherence', 'auroc_conflict', 'auroc_ood',
+           'nll_sequence', 'ece', 'brier', 'argmax_specialisation', 'coherence', 'auroc_conflict', 'auroc_ood',
            'train_seconds')
 SWAG_OF = {'map': 'swag', 'deep_ensemble': 'multiswag'}   # the rows read off another run's iterates
 

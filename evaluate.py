@@ -93,6 +93,45 @@ def specialisation(member_of_example, group_of_example):
     return 1.0 - h_group_given_member / h_group
 
 
+def soft_specialisation(logp, groups):
+    """I(group; member) / H(group) under the posterior responsibilities w_m(x) = softmax_m(log p_m(x)).
+
+        p(g, m) = (1/N) sum_{i: g_i = g} w_m(x_i)
+        I       = sum_{g, m} p(g, m) log( p(g, m) / (p(g) p(m)) )
+
+    logp: (M, N) log-likelihoods of N examples, groups: N labels -> float in [0, 1]:
+    0 when the members explain every example equally well (identical members, or
+    routing that ignores the group), 1 when each member explains one group alone.
+    Unlike an argmax, members that barely differ score near 0. None with fewer than two groups.
+    """
+    names = sorted(set(groups))
+    if len(names) < 2:
+        return None
+    weights = torch.softmax(logp.double(), dim=0)                            # (M, N)
+    one_hot = torch.tensor([[g == name for g in groups] for name in names], dtype=torch.float64)  # (G, N)
+    joint = one_hot @ weights.T / len(groups)                                # (G, M)
+    group_marginal, member_marginal = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    ratio = joint / (group_marginal * member_marginal)
+    mutual_information = (joint * ratio.clamp_min(1e-300).log()).sum()
+    group_entropy = -(group_marginal * group_marginal.log()).sum()
+    return (mutual_information / group_entropy).item()
+
+
+def member_shares(logp, alpha):
+    """Each member's share of the responsibility, mean_i softmax_m(alpha * log p_m(x_i)): (M,) summing to 1.
+
+    This is how much of the training signal each member receives at that alpha; 1/M each
+    when routing is uniform.
+    """
+    return responsibilities(logp, alpha).mean(dim=1)
+
+
+def starved_members(shares, fraction=0.25):
+    """Members whose share of the responsibility is below fraction / M: [m, ...]. shares: (M,)."""
+    n_members = len(shares)
+    return [m for m, share in enumerate(shares.tolist()) if n_members > 1 and share < fraction / n_members]
+
+
 def routing_matrix(logp, alpha, groups):
     """Mean responsibility of each member for each group: {group: [w_0, ..., w_{M-1}]}.
 
@@ -230,7 +269,8 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
     groups = [test_rows[i]['group'] for i in conflicting]
     members = scores['logp'][:, conflicting].argmax(0).tolist()      # argmax responsibility, for any alpha > 0
     report = dict(alpha=alpha, n_members=scores['logp'].shape[0],
-                  specialisation=specialisation(members, groups),
+                  soft_specialisation=soft_specialisation(scores['logp'][:, conflicting], groups),
+                  argmax_specialisation=specialisation(members, groups),
                   routing=routing_matrix(scores['logp'][:, conflicting], alpha, groups) if groups else None,
                   auroc_conflict=safe_auroc(by_kind.get('conflicting', []), by_kind.get('consistent', [])),
                   auroc_ood=None, auroc_ood_vs_consistent=None, accuracy_consistent=None, accuracy_high_entropy=None,

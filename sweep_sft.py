@@ -16,7 +16,7 @@ import train_sft
 from config import parse_args
 from evaluate import markdown_table
 
-COLUMNS = ('specialisation', 'auroc_conflict', 'auroc_ood', 'accuracy_consistent', 'coherence', 'nll', 'ece',
+COLUMNS = ('argmax_specialisation', 'auroc_conflict', 'auroc_ood', 'accuracy_consistent', 'coherence', 'nll', 'ece',
            'train_seconds')
 
 

@@ -22,10 +22,10 @@ import data
 import plots
 from checkpoint import load_base, resume_from
 from config import parse_args
-from evaluate import rescaled_epistemic, routing_matrix, score_rows, sft_report
+from evaluate import member_shares, rescaled_epistemic, routing_matrix, score_rows, sft_report, starved_members
 from lora import add_lora, load_adapters
-from renyi_lora import (alpha_at, check_alpha, label_smoothed_nll, prior_penalty, renyi_loss, sequence_logprobs,
-                        ual_smoothing)
+from renyi_lora import (alpha_at, check_alpha, label_smoothed_nll, prior_penalty, renyi_loss, responsibilities,
+                        sequence_logprobs, ual_smoothing)
 from trainer import learning_rate, setup_distributed, train_loop
 
 defaults = dict(
@@ -116,10 +116,12 @@ def train(config, lr_schedule=learning_rate, on_step=None):
     params = add_lora(model, config['n_members'], config['lora_rank'], config['lora_alpha'])
     model.to(device)
     optimizer = torch.optim.AdamW(params, lr=config['learning_rate'], weight_decay=config['weight_decay'])
-    start, history = 0, dict(iter=[], loss=[], val_iter=[], val_nll=[])
+    start, history = 0, dict(iter=[], loss=[], val_iter=[], val_nll=[], member_share=[])
     ckpt_path = os.path.join(config['out_dir'], 'ckpt.pt')
     if config['resume']:
         start, history = resume_from(ckpt_path, model, optimizer, config)
+
+    routed = torch.zeros(config['n_members'])   # responsibilities summed over the batches since the last eval
 
     def batch_loss(forward, indices, it):
         """The α-Rényi loss of one batch: the members' sequence log-likelihoods logp (M, B), then renyi_loss."""
@@ -128,19 +130,31 @@ def train(config, lr_schedule=learning_rate, on_step=None):
             logp = sequence_logprobs(forward(idx), labels)                 # (M, B)
         else:  # UAL: the smoothed NLL takes the place of -log p_m(x)
             logp = -label_smoothed_nll(forward(idx), labels, smoothing[indices].to(device))
-        return renyi_loss(logp, alpha_at(it, config['alpha'], config['alpha_ramp_iters'])) + prior_penalty(
+        alpha = alpha_at(it, config['alpha'], config['alpha_ramp_iters'])
+        routed.add_(responsibilities(logp.detach(), alpha).sum(1).cpu())
+        return renyi_loss(logp, alpha) + prior_penalty(
             params, len(train_set), config['n_members'], config['sigma_p'], config['prior_weight'])
+
+    def validate_and_watch_routing(it):
+        validate(model, tokenizer, val_rows, config, history, it)
+        watch_routing(routed, history)
+        routed.zero_()
 
     batches = (indices[rank::world_size]                                   # this process's share of each batch
                for indices in data.shuffled_batches(len(train_set), config['batch_size'], config['seed']))
     train_seconds = train_loop(model, params, optimizer, batches, batch_loss, config, history, start,
-                               validate=lambda it: validate(model, tokenizer, val_rows, config, history, it),
+                               validate=validate_and_watch_routing,
                                ckpt_path=ckpt_path, lr_schedule=lr_schedule, on_step=on_step)
     if rank > 0:
         return model, tokenizer, None, None
 
     report, readouts = sft_report(model, tokenizer, test_rows, ood_rows, config['alpha'], config['batch_size'],
                                   config['max_new_tokens'], config['n_samples'], config['seed'])
+    model.eval()
+    shares = member_shares(score_rows(model, tokenizer, train_rows, config['batch_size'])['logp'], config['alpha'])
+    model.train()
+    report['member_share'] = shares.tolist()           # of the training rows' responsibility, at the final alpha
+    report['starved_members'] = starved_members(shares)
     plots.sft_plots(config['out_dir'], history, report, readouts['by_kind'], readouts['scores'])
     report['train_seconds'] = round(train_seconds, 1)
     with open(os.path.join(config['out_dir'], 'report.json'), 'w') as f:
@@ -164,6 +178,21 @@ def validate(model, tokenizer, val_rows, config, history, it):
                                 [val_rows[i]['group'] for i in conflicting])
         for group, weights in matrix.items():
             print(f"  routing {group:>12}: " + ' '.join(f"{w:.2f}" for w in weights))
+
+
+def watch_routing(routed, history):
+    """Log each member's share of the responsibility since the last eval; warn when a member starves.
+
+    A starved member (share < 1/(4M)) receives almost no gradient: it stops learning, and
+    the ensemble's uncertainty then partly measures its neglect, not the data.
+    """
+    shares = routed / routed.sum().clamp_min(1e-12)
+    history.setdefault('member_share', []).append(shares.tolist())   # absent in older checkpoints
+    print("  member share " + ' '.join(f"{share:.2f}" for share in shares.tolist()))
+    starved = starved_members(shares)
+    if starved:
+        print(f"warning: member(s) {', '.join(map(str, starved))} starved: below {0.25 / len(shares):.3f} of the "
+              "training responsibility since the last eval (see RESULTS.md, 'Starved members')")
 
 
 def main(argv=None):

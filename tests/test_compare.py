@@ -58,7 +58,7 @@ def test_single_adapter_rows_have_no_epistemic_uncertainty(run):
     for label, report in rows:
         if "(M=1)" in label:
             assert report["auroc_conflict"] == 0.5 and report["auroc_ood"] == 0.5, label
-            assert report["specialisation"] == 0.0, label
+            assert report["argmax_specialisation"] == 0.0, label
             assert report["nll_sequence"] == pytest.approx(report["nll"], rel=1e-5), label  # nothing to mix
 
 

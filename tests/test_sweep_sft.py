@@ -4,7 +4,7 @@ from evaluate import markdown_table
 
 
 def report(value, seconds):
-    return dict(specialisation=None, auroc_conflict=value, auroc_ood=value, accuracy_consistent=value,
+    return dict(argmax_specialisation=None, auroc_conflict=value, auroc_ood=value, accuracy_consistent=value,
                 coherence=value, nll=value, ece=value, train_seconds=seconds)
 
 

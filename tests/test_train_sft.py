@@ -20,7 +20,7 @@ from lora import add_lora, lora_state_dict
 from renyi_lora import renyi_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REPORT_KEYS = ("specialisation", "auroc_conflict", "auroc_ood", "accuracy_consistent", "coherence", "nll", "ece",
+REPORT_KEYS = ("argmax_specialisation", "auroc_conflict", "auroc_ood", "accuracy_consistent", "coherence", "nll", "ece",
                "train_seconds")
 
 CONSISTENT = [("What is 2 plus 3?", " 5"), ("What is 4 plus 4?", " 8"), ("What is the capital of France?", " Paris"),
@@ -128,13 +128,20 @@ def test_tiny_run_lowers_the_loss_and_writes_report_and_plots(files, tmp_path):
     assert saved == json.loads(json.dumps(report))
     for key in REPORT_KEYS:
         assert key in saved
-    for key in ("specialisation", "auroc_conflict", "auroc_ood", "accuracy_consistent"):
+    for key in ("argmax_specialisation", "auroc_conflict", "auroc_ood", "accuracy_consistent"):
         assert isinstance(saved[key], float) and 0.0 <= saved[key] <= 1.0, key
     assert saved["nll"] > 0 and math.isfinite(saved["nll"]) and 0.0 <= saved["ece"] <= 1.0
     assert isinstance(saved["train_seconds"], (int, float)) and saved["train_seconds"] >= 0
     # coherence checks the benchmark's two-field cards; a user's data has none, so it is not invented
     assert saved["coherence"] is None and saved["accuracy_high_entropy"] is None
     assert set(saved["routing"]) == {"a", "b"} and all(len(w) == 2 for w in saved["routing"].values())
+    assert 0.0 <= saved["soft_specialisation"] <= 1.0
+    # the training rows' share of the responsibility, recomputed one row at a time
+    model.eval()
+    weights = [torch.softmax(config["alpha"] * score_rows(model, tokenizer, [row], 1)["logp"][:, 0], 0) for row in train_rows]
+    assert saved["member_share"] == pytest.approx((sum(weights) / len(weights)).tolist(), abs=1e-5)
+    assert saved["starved_members"] == [m for m, share in enumerate(saved["member_share"]) if share < 0.25 / 2]
+    assert len(history["member_share"]) == 2 and all(sum(s) == pytest.approx(1.0) for s in history["member_share"])
     for name in ("loss", "routing", "uncertainty", "reliability"):
         with open(tmp_path / f"{name}.png", "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
@@ -189,7 +196,7 @@ def test_resume_continues_exactly_and_metrics_without_groups_or_ood_are_null(fil
     assert resumed_ckpt["history"] == straight_ckpt["history"]
 
     # no group field and no OOD file: the metrics that need them are null, never invented
-    assert report["specialisation"] is None and report["routing"] is None
+    assert report["argmax_specialisation"] is None and report["routing"] is None
     assert report["auroc_ood"] is None and report["auroc_ood_vs_consistent"] is None
     assert isinstance(report["auroc_conflict"], float)  # conflicts are found from the responses alone
     assert not os.path.exists(tmp_path / "straight" / "routing.png")
