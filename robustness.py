@@ -1,0 +1,120 @@
+"""
+Does a default survive data it was not tuned on? train_sft.py over the conflict
+sets of conflict_sets.FAMILY x seeds x variants, each beside a single adapter
+(M = 1) trained on the same files, and one table of the measures that matter:
+
+    soft_specialisation  I(group; member) / H(group) on held-out conflicting rows (target >= 0.5
+                         where groups conflict, <= 0.1 where they do not)
+    starved              members below 1/(4M) of the training responsibility (target 0)
+    d_nll, d_acc         NLL per token and consistent accuracy minus the single adapter's
+                         (targets: d_nll <= 0.05, d_acc >= -0.05)
+    auroc_conflict       epistemic uncertainty separating conflicting from consistent prompts (>= 0.9)
+
+    python robustness.py                                   # every set, seeds 1337, 1, 2, variant 'default'
+    python robustness.py --sets=user_160,long --seeds=1337 --variants=default,alpha_1
+    python robustness.py --max_iters=200                   # any train_sft.py key applies to every run
+
+A run whose report.json exists is not trained again, so an interrupted study
+continues where it stopped. Writes study_dir/results.json and study_dir/table.md.
+"""
+import json
+import os
+import sys
+
+import conflict_sets
+import data
+import train_sft
+from config import parse_args
+
+# Each variant is a set of train_sft.py overrides; 'single' is the reference every variant is compared with.
+VARIANTS = {
+    'default': {},
+    'single': dict(n_members=1),
+    'alpha_1': dict(alpha=1.0),
+    'alpha_0': dict(alpha=0.0),
+}
+STUDY = dict(sets='all', seeds='1337,1,2', variants='default', study_dir='out/robustness')
+
+
+def write_set(name, study_dir):
+    """Write the conflict set `name` (seed 0) as JSONL once; returns (train path, test path)."""
+    paths = [os.path.join(study_dir, 'data', name, f'{split}.jsonl') for split in ('train', 'test')]
+    if not all(os.path.exists(path) for path in paths):
+        splits = conflict_sets.make_conflict_set(**conflict_sets.FAMILY[name], seed=0)
+        for path, split in zip(paths, ('train', 'test')):
+            data.write_jsonl(splits[split], path)
+    return paths
+
+
+def run(config, name, seed, variant, study_dir):
+    """The report of one (set, seed, variant) run, trained unless its report.json exists."""
+    train_path, test_path = write_set(name, study_dir)
+    out_dir = os.path.join(study_dir, name, f'{variant}_seed{seed}')
+    report_path = os.path.join(out_dir, 'report.json')
+    if not os.path.exists(report_path):
+        print(f"== {name} / {variant} / seed {seed}", flush=True)
+        train_sft.train(config | VARIANTS[variant] | dict(data=train_path, val_data=test_path, out_dir=out_dir,
+                                                           seed=seed))
+    with open(report_path) as f:
+        return json.load(f)
+
+
+def row(name, seed, variant, report, single):
+    """The table's measures of one run against the single adapter of the same set and seed."""
+    has_conflict = conflict_sets.FAMILY[name].get('convention', 'global') != 'shared'
+    d_nll = report['nll'] - single['nll']
+    d_acc = report['accuracy_consistent'] - single['accuracy_consistent']
+    soft = report['soft_specialisation']
+    misses = [what for what, ok in (
+        ('starved', not report['starved_members']),
+        ('soft', soft is None or (soft >= 0.5 if has_conflict else soft <= 0.1)),
+        ('nll', d_nll <= 0.05), ('acc', d_acc >= -0.05),
+        ('auroc', not has_conflict or (report['auroc_conflict'] or 0) >= 0.9)) if not ok]
+    return dict(set=name, seed=seed, variant=variant, soft_specialisation=soft,
+                starved=len(report['starved_members']), nll=report['nll'], d_nll=d_nll,
+                accuracy_consistent=report['accuracy_consistent'], d_acc=d_acc,
+                auroc_conflict=report['auroc_conflict'], misses=misses)
+
+
+def table(rows):
+    """Markdown: one line per run, and the targets it misses."""
+    lines = ['| set | variant | seed | soft_spec | starved | nll (Δ single) | acc_consistent (Δ single) | '
+             'auroc_conflict | misses |', '|---' * 9 + '|']
+    for r in rows:
+        soft = '–' if r['soft_specialisation'] is None else f"{r['soft_specialisation']:.2f}"
+        auroc = '–' if r['auroc_conflict'] is None else f"{r['auroc_conflict']:.2f}"
+        lines.append(f"| {r['set']} | {r['variant']} | {r['seed']} | {soft} | {r['starved']} | "
+                     f"{r['nll']:.3f} ({r['d_nll']:+.3f}) | {r['accuracy_consistent']:.2f} ({r['d_acc']:+.2f}) | "
+                     f"{auroc} | {', '.join(r['misses']) or 'none'} |")
+    return '\n'.join(lines)
+
+
+def main(argv):
+    study_keys = [a for a in argv if a.split('=')[0][2:] in STUDY]
+    study = parse_args(STUDY, study_keys)
+    config = parse_args(train_sft.defaults, [a for a in argv if a not in study_keys])
+    names = list(conflict_sets.FAMILY) if study['sets'] == 'all' else study['sets'].split(',')
+    variants = study['variants'].split(',')
+    for name in names:
+        if name not in conflict_sets.FAMILY:
+            raise ValueError(f"--sets: unknown set {name!r}; known: {', '.join(conflict_sets.FAMILY)}")
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise ValueError(f"--variants: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    rows = []
+    for name in names:
+        for seed in [int(s) for s in study['seeds'].split(',')]:
+            single = run(config, name, seed, 'single', study['study_dir'])
+            for variant in variants:
+                report = run(config, name, seed, variant, study['study_dir'])
+                rows.append(row(name, seed, variant, report, single))
+    text = table(rows)
+    with open(os.path.join(study['study_dir'], 'results.json'), 'w') as f:
+        json.dump(rows, f, indent=2)
+    with open(os.path.join(study['study_dir'], 'table.md'), 'w') as f:
+        f.write(text + '\n')
+    print(text)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

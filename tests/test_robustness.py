@@ -1,0 +1,40 @@
+"""robustness.py: the targets each run is held to, on hand-made reports."""
+import pytest
+
+import robustness
+
+
+def report(soft, starved, nll, accuracy, auroc):
+    return dict(soft_specialisation=soft, starved_members=starved, nll=nll, accuracy_consistent=accuracy,
+                auroc_conflict=auroc)
+
+
+SINGLE = report(None, [], 0.40, 0.90, 0.5)
+
+
+def test_a_run_that_meets_every_target_misses_nothing():
+    r = robustness.row('user_160', 1337, 'default', report(0.8, [], 0.44, 0.86, 0.95), SINGLE)
+    assert r['misses'] == [] and r['d_nll'] == pytest.approx(0.04) and r['d_acc'] == pytest.approx(-0.04)
+
+
+def test_each_target_is_checked():
+    r = robustness.row('user_160', 1, 'default', report(0.3, [2, 3], 0.50, 0.80, 0.7), SINGLE)
+    assert r['misses'] == ['starved', 'soft', 'nll', 'acc', 'auroc'] and r['starved'] == 2
+
+
+def test_without_conflict_specialisation_must_stay_low_and_auroc_is_not_required():
+    assert robustness.row('no_conflict', 1, 'default', report(0.05, [], 0.4, 0.9, 0.5), SINGLE)['misses'] == []
+    assert robustness.row('no_conflict', 1, 'default', report(0.5, [], 0.4, 0.9, 0.5), SINGLE)['misses'] == ['soft']
+
+
+def test_table_has_a_line_per_run():
+    rows = [robustness.row('long', 2, 'alpha_1', report(None, [], 0.4, 0.9, None), SINGLE)]
+    lines = robustness.table(rows).splitlines()
+    assert len(lines) == 3 and lines[2].startswith('| long | alpha_1 | 2 | – | 0 | 0.400 (+0.000) | 0.90 (+0.00) | – |')
+
+
+def test_unknown_set_or_variant_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown set 'nope'"):
+        robustness.main(['--sets=nope', f'--study_dir={tmp_path}'])
+    with pytest.raises(ValueError, match="unknown variant 'nope'"):
+        robustness.main(['--variants=nope', f'--study_dir={tmp_path}'])
