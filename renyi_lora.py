@@ -117,6 +117,21 @@ def renyi_loss(logp, alpha):
     return -(mean_logp + spread).mean().to(logp.dtype)
 
 
+def floored_renyi_loss(logp, alpha, floor):
+    """The alpha-Rényi loss with a floor on the routing: a share `floor` of every example's
+    gradient is spread evenly over the members.
+
+        loss = (1 - floor) * renyi_loss(logp, alpha) + floor * vb_loss(logp)
+        d loss / d log p_m(x_i) = -(1/B) * [ (1 - floor) * w_m(x_i) + floor / M ]
+
+    logp: (M, B) -> scalar. floor = 0 is renyi_loss; floor = 1 is vb_loss. No member's
+    share of the training signal falls below floor / M, so none can starve.
+    """
+    if floor == 0:
+        return renyi_loss(logp, alpha)
+    return (1 - floor) * renyi_loss(logp, alpha) + floor * vb_loss(logp)
+
+
 def responsibilities(logp, alpha):
     """Soft routing weights w_m(x) = softmax_m(alpha * log p_m(x)).
 

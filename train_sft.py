@@ -8,7 +8,8 @@
     torchrun --standalone --nproc_per_node=2 train_sft.py   # data-parallel, each process a shard of the batch
 
 Each step: one forward pass of all M members on a batch, the per-member sequence
-log-likelihoods logp (M, B), and the loss renyi_loss(logp, alpha) + prior_penalty.
+log-likelihoods logp (M, B), and the loss renyi_loss(logp, alpha) + prior_penalty
+(floored_renyi_loss when routing_floor > 0).
 At the end it evaluates the ensemble on held-out prompts and writes
 out_dir/report.json and PNG plots.
 """
@@ -23,9 +24,9 @@ import plots
 from checkpoint import load_base, resume_from
 from config import parse_args
 from evaluate import member_shares, rescaled_epistemic, routing_matrix, score_rows, sft_report, starved_members
-from lora import add_lora, load_adapters
-from renyi_lora import (alpha_at, check_alpha, label_smoothed_nll, prior_penalty, renyi_loss, responsibilities,
-                        sequence_logprobs, ual_smoothing)
+from lora import add_lora, clone_member, load_adapters, lora_parameters
+from renyi_lora import (alpha_at, check_alpha, floored_renyi_loss, label_smoothed_nll, prior_penalty,
+                        responsibilities, sequence_logprobs, ual_smoothing)
 from trainer import learning_rate, setup_distributed, train_loop
 
 defaults = dict(
@@ -47,6 +48,10 @@ defaults = dict(
     lora_alpha=16.0,        # LoRA scaling is lora_alpha / lora_rank
     sigma_p=1.0,            # prior N(0, sigma_p^2) on the LoRA parameters
     prior_weight=1.0,       # lambda; 1 is the exact Bayesian weight
+    # keeping every member trained (RESULTS.md, 'Starved members')
+    routing_floor=0.0,      # share of every example's gradient spread evenly over the members (floored_renyi_loss)
+    revive_interval=0,      # every this many steps a starved member becomes a perturbed copy of the busiest; 0: off
+    revive_spread=0.01,     # the copy's symmetric perturbation, relative to each adapter tensor's std
     # UAL (METHOD.md §5): label smoothing eps_i = ual_eps_min + (ual_eps_max - ual_eps_min) * u_i per example
     ual_source='',          # '' off; 'data': u_i is each row's `uncertainty`; 'ensemble': ual_teacher's epistemic one
     ual_teacher='out/sft/ckpt.pt',  # a trained ensemble (train_sft.py's checkpoint), for ual_source=ensemble
@@ -122,6 +127,7 @@ def train(config, lr_schedule=learning_rate, on_step=None):
         start, history = resume_from(ckpt_path, model, optimizer, config)
 
     routed = torch.zeros(config['n_members'])   # responsibilities summed over the batches since the last eval
+    since_check = torch.zeros(config['n_members'])  # ... and since the last revive check
 
     def batch_loss(forward, indices, it):
         """The α-Rényi loss of one batch: the members' sequence log-likelihoods logp (M, B), then renyi_loss."""
@@ -131,9 +137,21 @@ def train(config, lr_schedule=learning_rate, on_step=None):
         else:  # UAL: the smoothed NLL takes the place of -log p_m(x)
             logp = -label_smoothed_nll(forward(idx), labels, smoothing[indices].to(device))
         alpha = alpha_at(it, config['alpha'], config['alpha_ramp_iters'])
-        routed.add_(responsibilities(logp.detach(), alpha).sum(1).cpu())
-        return renyi_loss(logp, alpha) + prior_penalty(
+        routing = responsibilities(logp.detach(), alpha).sum(1).cpu()
+        routed.add_(routing)
+        since_check.add_(routing)
+        return floored_renyi_loss(logp, alpha, config['routing_floor']) + prior_penalty(
             params, len(train_set), config['n_members'], config['sigma_p'], config['prior_weight'])
+
+    def after_step(done, model):
+        if on_step is not None:
+            on_step(done, model)
+        if config['revive_interval'] and done % config['revive_interval'] == 0 and done < config['max_iters']:
+            if world_size > 1:
+                dist.all_reduce(since_check)  # every process decides alike from the whole batch
+            revive_starved(model, optimizer, since_check, config['revive_spread'],
+                           torch.Generator().manual_seed(config['seed'] * 1_000_003 + done))  # the same on resume
+            since_check.zero_()
 
     def validate_and_watch_routing(it):
         validate(model, tokenizer, val_rows, config, history, it)
@@ -144,7 +162,7 @@ def train(config, lr_schedule=learning_rate, on_step=None):
                for indices in data.shuffled_batches(len(train_set), config['batch_size'], config['seed']))
     train_seconds = train_loop(model, params, optimizer, batches, batch_loss, config, history, start,
                                validate=validate_and_watch_routing,
-                               ckpt_path=ckpt_path, lr_schedule=lr_schedule, on_step=on_step)
+                               ckpt_path=ckpt_path, lr_schedule=lr_schedule, on_step=after_step)
     if rank > 0:
         return model, tokenizer, None, None
 
@@ -193,6 +211,28 @@ def watch_routing(routed, history):
     if starved:
         print(f"warning: member(s) {', '.join(map(str, starved))} starved: below {0.25 / len(shares):.3f} of the "
               "training responsibility since the last eval (see RESULTS.md, 'Starved members')")
+
+
+def revive_starved(model, optimizer, routed, spread, generator):
+    """Replace each starved member (its share of the summed responsibilities `routed` (M,) below 1/(4M))
+    by a perturbed copy of the busiest member, optimizer moments included; returns the revived members.
+
+    A starved member gets almost no gradient, so it never recovers by itself. Its copy of the
+    busiest member starts at that member's point: if the examples routed there conflict
+    (alpha above their alpha*, METHOD.md §3) the pair splits them; if not, it drifts back together.
+    """
+    shares = routed / routed.sum().clamp_min(1e-12)
+    busiest = int(shares.argmax())
+    starved = starved_members(shares)
+    for member in starved:
+        clone_member(model, busiest, member, spread, generator)
+        for p in lora_parameters(model):
+            for moment in optimizer.state[p].values():
+                if moment.dim() > 0:                         # exp_avg, exp_avg_sq: (M, ...); not the step count
+                    moment[member] = moment[busiest]
+        print(f"revived member {member} (share {shares[member]:.3f}) as a copy of member {busiest} "
+              f"(share {shares[busiest]:.3f})")
+    return starved
 
 
 def main(argv=None):

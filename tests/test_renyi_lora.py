@@ -7,8 +7,8 @@ import torch
 
 import torch.nn.functional as F
 
-from renyi_lora import (auroc, ece, expected_entropy, label_smoothed_nll, mutual_information, predictive_entropy,
-                        predictive_loss, prior_penalty, renyi_loss, responsibilities,
+from renyi_lora import (auroc, ece, expected_entropy, floored_renyi_loss, label_smoothed_nll, mutual_information,
+                        predictive_entropy, predictive_loss, prior_penalty, renyi_loss, responsibilities,
                         sequence_logprobs, ual_smoothing, vb_loss)
 
 
@@ -362,3 +362,15 @@ def test_ece_confidence_one_falls_in_last_bin():
     # Together in bin 9: |1/2 - 0.975| = 0.475. Dropped or binned alone, it would give 0.025 or 0.525.
     assert ece([1.0, 0.95], [False, True], n_bins=10) == pytest.approx(0.475, abs=1e-12)
     assert ece([1.0, 1.0], [True, True]) == 0.0
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.1, 1.0])
+def test_floored_renyi_loss_routes_at_least_floor_over_m_to_every_member(floor):
+    """d loss / d log p_m(x_i) = -(1/B) [(1 - floor) w_m(x_i) + floor / M], w = softmax_m(alpha log p)."""
+    logp = torch.tensor([[-1.0, -9.0, -4.0], [-30.0, -2.0, -4.5], [-3.0, -3.0, -40.0]], dtype=torch.float64,
+                        requires_grad=True)
+    alpha = 2.0
+    floored_renyi_loss(logp, alpha, floor).backward()
+    n_members, batch = logp.shape
+    expected = -((1 - floor) * torch.softmax(alpha * logp.detach(), 0) + floor / n_members) / batch
+    torch.testing.assert_close(logp.grad, expected)

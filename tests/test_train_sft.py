@@ -280,3 +280,18 @@ def test_command_line_error_ends_with_one_line_naming_the_key(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("ValueError: unknown config key 'alhpa'; known keys:")
     assert not (tmp_path / "never").exists()
+
+
+def test_revive_copies_the_busiest_member_and_its_optimizer_moments(files):
+    model, _ = load_base(files["base"], "cpu")
+    params = add_lora(model, 3, 2, 4.0)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    sum(p.pow(2).sum() * (1 + torch.arange(3.0)).view(-1, *[1] * (p.dim() - 1)).sum() for p in params).backward()
+    optimizer.step()                                           # the moments now differ between members
+    routed = torch.tensor([10.0, 1.0, 0.1])                    # member 2: below 1 / (4 * 3) of the responsibility
+    assert train_sft.revive_starved(model, optimizer, routed, 0.0, torch.Generator().manual_seed(0)) == [2]
+    for p in params:
+        torch.testing.assert_close(p[2], p[0], rtol=0, atol=0)            # spread 0: an exact copy
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(optimizer.state[p][moment][2], optimizer.state[p][moment][0], rtol=0, atol=0)
+    assert train_sft.revive_starved(model, optimizer, torch.tensor([1.0, 1.0, 1.0]), 0.0, None) == []
