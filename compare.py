@@ -19,7 +19,6 @@ go to compare_dir/<name>/ (with report.json and ckpt.pt for the seven trained on
 all nine reports, table.md the table.
 """
 import json
-import math
 import os
 import sys
 import time
@@ -72,24 +71,16 @@ def method_config(config, name, overrides):
 
 
 def table_metrics(model, tokenizer, test_rows, readouts, config):
-    """What the table needs beyond sft_report: greedy accuracy on conflicting prompts, NLL on high-entropy ones,
-    and the NLL per token of the sequence-level mixture (1/M) sum_m p_m(y | x), the predictive alpha = 1 trains.
-
-    sft_report's nll averages the members' next-token distributions with equal weights at every token;
-    the sequence-level mixture instead reweights members by how well they explain the response so far.
-    """
+    """What the table needs beyond sft_report: greedy accuracy on conflicting prompts and NLL on high-entropy ones."""
     conflicting = [row for row in test_rows if row.get('kind') == 'conflicting']
     scores = readouts['scores']
-    n_members = scores['logp'].shape[0]
-    mixture_logp = torch.logsumexp(scores['logp'], dim=0) - math.log(n_members)          # (N,)
     is_high_entropy = torch.tensor([row.get('kind') == 'high_entropy' for row in test_rows])
     token_mask = is_high_entropy.repeat_interleave(scores['n_tokens'])     # rows' tokens lie consecutively
     token_scores = {key: scores[key][token_mask] for key in ('token_confidence', 'token_correct', 'token_true_prob')}
     model.eval()
     return dict(accuracy_conflicting=(greedy_accuracy(model, tokenizer, conflicting, config['max_new_tokens'])
                                       if conflicting else None),
-                nll_high_entropy=calibration(token_scores)['nll'] if token_mask.any() else None,
-                nll_sequence=-mixture_logp.sum().item() / scores['n_tokens'].sum().item())
+                nll_high_entropy=calibration(token_scores)['nll'] if token_mask.any() else None)
 
 
 def swag_ensemble(config, source, swags):

@@ -163,6 +163,19 @@ def calibration(scores, n_bins=10):
                 brier=((confidence.double() - correct) ** 2).mean().item())
 
 
+def sequence_mixture_nll(scores):
+    """NLL per response token of the sequence-level mixture, the predictive the alpha > 0 objective trains:
+
+        nll_sequence = -sum_i log( (1/M) sum_m p_m(y_i | x_i) ) / sum_i T_i       (T_i: response tokens of i)
+
+    Unlike `calibration`'s nll (the equal-weight mixture at every token), members that explain
+    a response badly do not drag it down once another member explains it (METHOD.md §6).
+    """
+    n_members = scores['logp'].shape[0]
+    mixture_logp = torch.logsumexp(scores['logp'].double(), dim=0) - math.log(n_members)     # (N,)
+    return -mixture_logp.sum().item() / scores['n_tokens'].sum().item()
+
+
 def held_out_batches(model, tokenizer, rows, batch_size):
     """(idx, labels) batches over rows in order, on the model's device."""
     device = device_of(model)
@@ -288,6 +301,7 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
     if conflict_rows:
         report['coherence'] = coherence(model, tokenizer, conflict_rows, n_samples, max_new_tokens, seed)
     report |= calibration(scores)
+    report['nll_sequence'] = sequence_mixture_nll(scores)
     report['epistemic_by_kind'] = {kind: sum(v) / len(v) for kind, v in by_kind.items() if v}
     model.train()
     return report, dict(scores=scores, by_kind=by_kind)

@@ -5,8 +5,8 @@ import robustness
 
 
 def report(soft, starved, nll, accuracy, auroc):
-    return dict(soft_specialisation=soft, starved_members=starved, nll=nll, accuracy_consistent=accuracy,
-                auroc_conflict=auroc)
+    return dict(soft_specialisation=soft, starved_members=starved, nll=nll + 0.5, nll_sequence=nll,
+                accuracy_consistent=accuracy, auroc_conflict=auroc)
 
 
 SINGLE = report(None, [], 0.40, 0.90, 0.5)
@@ -30,7 +30,8 @@ def test_without_conflict_specialisation_must_stay_low_and_auroc_is_not_required
 def test_table_has_a_line_per_run():
     rows = [robustness.row('long', 2, 'alpha_1', report(None, [], 0.4, 0.9, None), SINGLE)]
     lines = robustness.table(rows).splitlines()
-    assert len(lines) == 3 and lines[2].startswith('| long | alpha_1 | 2 | – | 0 | 0.400 (+0.000) | 0.90 (+0.00) | – |')
+    assert len(lines) == 3
+    assert lines[2].startswith('| long | alpha_1 | 2 | – | 0 | 0.400 (+0.000) | 0.900 (+0.000) | 0.90 (+0.00) | – |')
 
 
 def test_unknown_set_or_variant_is_refused(tmp_path):
