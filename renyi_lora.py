@@ -143,19 +143,25 @@ def responsibilities(logp, alpha):
     return torch.softmax(alpha * logp, dim=0)
 
 
-def alpha_at(it, alpha, ramp_iters):
-    """The alpha of training step `it`: a linear ramp from 0 to `alpha` over the first ramp_iters steps.
+def alpha_at(it, alpha, ramp_iters, hold_iters=0):
+    """The alpha of training step `it`: 0 for the first hold_iters steps, then a linear ramp to `alpha`
+    at step ramp_iters.
 
-        alpha_t = alpha * min(1, it / ramp_iters)          (ramp_iters = 0: alpha from the first step)
+        alpha_t = alpha * clamp((it - hold_iters) / (ramp_iters - hold_iters), 0, 1)
 
     At alpha = 0 every member learns every example, conflicting ones included;
     once alpha passes the critical alpha* (METHOD.md §3) the collapsed ensemble
     turns unstable and the members split. Without the ramp, members that lose
-    the first race for a group never learn its responses at all.
+    the first race for a group never learn its responses at all. The hold keeps
+    alpha at 0 until the members fit the data: routing is softmax(alpha log p_m), and
+    while the members still differ by tens of nats on long responses, even a small
+    alpha hands every example to one of them.
     """
     if it >= ramp_iters:
         return alpha
-    return alpha * it / ramp_iters
+    if it < hold_iters:
+        return 0.0
+    return alpha * (it - hold_iters) / (ramp_iters - hold_iters)
 
 
 def label_smoothed_nll(logits, labels, eps):

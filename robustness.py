@@ -35,6 +35,8 @@ VARIANTS = {
     'alpha_0': dict(alpha=0.0),
     'floor': dict(routing_floor=0.1),
     'revive': dict(revive_interval=50),
+    'hold': dict(alpha_hold_iters=125),
+    'hold_floor': dict(alpha_hold_iters=125, routing_floor=0.1),
 }
 STUDY = dict(sets='all', seeds='1337,1,2', variants='default', study_dir='out/robustness')
 

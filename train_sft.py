@@ -44,6 +44,7 @@ defaults = dict(
     alpha=2.0,              # 0: variational Bayes (every member fits everything); 1: predictive mixture;
                             # > 1 leans to winner-takes-all. Why 2 is the default: README, "Reading the results"
     alpha_ramp_iters=250,   # raise alpha linearly from 0 over these first iters (0: no ramp), renyi_lora.alpha_at
+    alpha_hold_iters=0,     # ... keeping it at 0 for the first of them
     lora_rank=8,
     lora_alpha=16.0,        # LoRA scaling is lora_alpha / lora_rank
     sigma_p=1.0,            # prior N(0, sigma_p^2) on the LoRA parameters
@@ -136,7 +137,7 @@ def train(config, lr_schedule=learning_rate, on_step=None):
             logp = sequence_logprobs(forward(idx), labels)                 # (M, B)
         else:  # UAL: the smoothed NLL takes the place of -log p_m(x)
             logp = -label_smoothed_nll(forward(idx), labels, smoothing[indices].to(device))
-        alpha = alpha_at(it, config['alpha'], config['alpha_ramp_iters'])
+        alpha = alpha_at(it, config['alpha'], config['alpha_ramp_iters'], config['alpha_hold_iters'])
         routing = responsibilities(logp.detach(), alpha).sum(1).cpu()
         routed.add_(routing)
         since_check.add_(routing)

@@ -7,9 +7,9 @@ import torch
 
 import torch.nn.functional as F
 
-from renyi_lora import (auroc, ece, expected_entropy, floored_renyi_loss, label_smoothed_nll, mutual_information,
-                        predictive_entropy, predictive_loss, prior_penalty, renyi_loss, responsibilities,
-                        sequence_logprobs, ual_smoothing, vb_loss)
+from renyi_lora import (alpha_at, auroc, ece, expected_entropy, floored_renyi_loss, label_smoothed_nll,
+                        mutual_information, predictive_entropy, predictive_loss, prior_penalty, renyi_loss,
+                        responsibilities, sequence_logprobs, ual_smoothing, vb_loss)
 
 
 def reference_l_alpha(column, alpha):
@@ -374,3 +374,10 @@ def test_floored_renyi_loss_routes_at_least_floor_over_m_to_every_member(floor):
     n_members, batch = logp.shape
     expected = -((1 - floor) * torch.softmax(alpha * logp.detach(), 0) + floor / n_members) / batch
     torch.testing.assert_close(logp.grad, expected)
+
+
+def test_alpha_at_holds_then_ramps_linearly():
+    assert [alpha_at(it, 2.0, 250) for it in (0, 125, 249, 250, 400)] == [0.0, 1.0, 2.0 * 249 / 250, 2.0, 2.0]
+    held = [alpha_at(it, 2.0, 250, hold_iters=125) for it in (0, 124, 125, 150, 250, 251)]
+    assert held == [0.0, 0.0, 0.0, pytest.approx(2.0 * 25 / 125), 2.0, 2.0]
+    assert alpha_at(0, 3.0, 0) == 3.0                                  # no ramp: the full alpha from step 0
