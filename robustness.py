@@ -14,6 +14,7 @@ sets of conflict_sets.FAMILY x seeds x variants, each beside a single adapter
     python robustness.py                                   # every set, seeds 1337, 1, 2, variant 'default'
     python robustness.py --sets=user_160,long --seeds=1337 --variants=default,alpha_1
     python robustness.py --max_iters=200                   # any train_sft.py key applies to every run
+    python robustness.py --train=false                     # the table of the runs that have finished
 
 A run whose report.json exists is not trained again, so an interrupted study
 continues where it stopped. Writes study_dir/results.json and study_dir/table.md.
@@ -38,7 +39,8 @@ VARIANTS = {
     'hold': dict(alpha_hold_iters=125),
     'hold_floor': dict(alpha_hold_iters=125, routing_floor=0.1),
 }
-STUDY = dict(sets='all', seeds='1337,1,2', variants='default', study_dir='out/robustness')
+STUDY = dict(sets='all', seeds='1337,1,2', variants='default', study_dir='out/robustness',
+             train=True)  # --train=false: only tabulate the runs that have finished
 
 
 def write_set(name, study_dir):
@@ -51,12 +53,14 @@ def write_set(name, study_dir):
     return paths
 
 
-def run(config, name, seed, variant, study_dir):
-    """The report of one (set, seed, variant) run, trained unless its report.json exists."""
+def run(config, name, seed, variant, study_dir, train=True):
+    """The report of one (set, seed, variant) run, trained unless its report.json exists (None: not run, not trained)."""
     train_path, test_path = write_set(name, study_dir)
     out_dir = os.path.join(study_dir, name, f'{variant}_seed{seed}')
     report_path = os.path.join(out_dir, 'report.json')
     if not os.path.exists(report_path):
+        if not train:
+            return None
         print(f"== {name} / {variant} / seed {seed}", flush=True)
         train_sft.train(config | VARIANTS[variant] | dict(data=train_path, val_data=test_path, out_dir=out_dir,
                                                            seed=seed))
@@ -112,10 +116,11 @@ def main(argv):
     rows = []
     for name in names:
         for seed in [int(s) for s in study['seeds'].split(',')]:
-            single = run(config, name, seed, 'single', study['study_dir'])
+            single = run(config, name, seed, 'single', study['study_dir'], study['train'])
             for variant in variants:
-                report = run(config, name, seed, variant, study['study_dir'])
-                rows.append(row(name, seed, variant, report, single))
+                report = run(config, name, seed, variant, study['study_dir'], study['train'])
+                if single is not None and report is not None:
+                    rows.append(row(name, seed, variant, report, single))
     text = table(rows)
     with open(os.path.join(study['study_dir'], 'results.json'), 'w') as f:
         json.dump(rows, f, indent=2)

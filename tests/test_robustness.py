@@ -1,4 +1,6 @@
 """robustness.py: the targets each run is held to, on hand-made reports."""
+import json
+
 import pytest
 
 import robustness
@@ -39,3 +41,14 @@ def test_unknown_set_or_variant_is_refused(tmp_path):
         robustness.main(['--sets=nope', f'--study_dir={tmp_path}'])
     with pytest.raises(ValueError, match="unknown variant 'nope'"):
         robustness.main(['--variants=nope', f'--study_dir={tmp_path}'])
+
+
+def test_train_false_tabulates_only_finished_runs(tmp_path, capsys):
+    finished = tmp_path / 'user_160' / 'default_seed1337'
+    single = tmp_path / 'user_160' / 'single_seed1337'
+    for path, values in ((finished, report(0.9, [], 0.30, 0.90, 0.95)), (single, SINGLE)):
+        path.mkdir(parents=True)
+        (path / 'report.json').write_text(json.dumps(values))
+    robustness.main(['--sets=user_160,long', '--seeds=1337', '--train=false', f'--study_dir={tmp_path}'])
+    lines = (tmp_path / 'table.md').read_text().splitlines()
+    assert len(lines) == 3 and lines[2].startswith('| user_160 | default | 1337 | 0.90 | 0 |')
