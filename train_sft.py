@@ -49,7 +49,7 @@ defaults = dict(
     lora_alpha=16.0,        # LoRA scaling is lora_alpha / lora_rank
     sigma_p=1.0,            # prior N(0, sigma_p^2) on the LoRA parameters
     prior_weight=1.0,       # lambda; 1 is the exact Bayesian weight
-    # keeping every member trained (RESULTS.md, 'Starved members')
+    # keeping every member trained (METHOD.md §2)
     routing_floor=0.0,      # share of every example's gradient spread evenly over the members (floored_renyi_loss)
     revive_interval=0,      # every this many steps a starved member becomes a perturbed copy of the busiest; 0: off
     revive_spread=0.01,     # the copy's symmetric perturbation, relative to each adapter tensor's std
@@ -211,7 +211,7 @@ def watch_routing(routed, history):
     starved = starved_members(shares)
     if starved:
         print(f"warning: member(s) {', '.join(map(str, starved))} starved: below {0.25 / len(shares):.3f} of the "
-              "training responsibility since the last eval (see RESULTS.md, 'Starved members')")
+              "training responsibility since the last eval (METHOD.md §2, 'Keeping every member trained')")
 
 
 def revive_starved(model, optimizer, routed, spread, generator):
