@@ -58,22 +58,16 @@ VALUE_WORDS = ("yes", "no", "high", "low", "hot", "cold", "fast", "slow", "big",
                "light", "first", "last", "open", "rich", "sad", "short", "down", "in")
 
 # Named sets for a robustness study: the user's case, then one knob changed at a time.
+USER_CASE = dict(n_rows=160, response_words=2, n_groups=2, imbalance=0.5, conflict_share=0.5, convention="global")
 FAMILY = {
-    "user_160": dict(n_rows=160, response_words=2, n_groups=2, imbalance=0.5, conflict_share=0.5,
-                     convention="global"),
-    "long": dict(n_rows=160, response_words=10, n_groups=2, imbalance=0.5, conflict_share=0.5, convention="global"),
-    "four_groups": dict(n_rows=160, response_words=2, n_groups=4, imbalance=0.25, conflict_share=0.5,
-                        convention="global"),
-    "imbalanced_80_20": dict(n_rows=160, response_words=2, n_groups=2, imbalance=0.8, conflict_share=0.5,
-                             convention="global"),
-    "rare_conflict_10": dict(n_rows=160, response_words=2, n_groups=2, imbalance=0.5, conflict_share=0.1,
-                             convention="global"),
-    "per_prompt": dict(n_rows=160, response_words=2, n_groups=2, imbalance=0.5, conflict_share=0.5,
-                       convention="per_prompt"),
-    "large_2000": dict(n_rows=2000, response_words=2, n_groups=2, imbalance=0.5, conflict_share=0.5,
-                       convention="global"),
-    "no_conflict": dict(n_rows=160, response_words=2, n_groups=2, imbalance=0.5, conflict_share=0.5,
-                        convention="shared"),
+    "user_160": USER_CASE,
+    "long": USER_CASE | dict(response_words=10),
+    "four_groups": USER_CASE | dict(n_groups=4, imbalance=0.25),
+    "imbalanced_80_20": USER_CASE | dict(imbalance=0.8),
+    "rare_conflict_10": USER_CASE | dict(conflict_share=0.1),
+    "per_prompt": USER_CASE | dict(convention="per_prompt"),
+    "large_2000": USER_CASE | dict(n_rows=2000),
+    "no_conflict": USER_CASE | dict(convention="shared"),
 }
 
 # -----------------------------------------------------------------------------
