@@ -30,7 +30,7 @@ from renyi_lora import (alpha_at, check_alpha, floored_renyi_loss, label_smoothe
 from trainer import learning_rate, setup_distributed, train_loop
 
 defaults = dict(
-    # data: '' means the built-in benchmark of data.py; otherwise JSONL files of {"prompt", "response"}
+    # data: '' means the built-in benchmark (benchmark.py); otherwise JSONL files of {"prompt", "response"}
     data='',
     val_data='',            # held-out rows; '' holds out a seeded share of the training prompts
     ood_data='',            # out-of-distribution prompts for auroc_ood; '' means none (benchmark: its OOD set)
