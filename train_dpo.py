@@ -11,7 +11,7 @@ responses through one forward pass of all members, forms each member's DPO
 log-likelihood log p_m(x) = log sigmoid(beta * h_m(x)) (METHOD.md §1), shape (M, B),
 and minimises renyi_loss(logp, alpha), the same loss as SFT: each preference trains
 the members that already agree with it, so where annotator groups disagree the
-members take sides (for alpha > 1; README, "Why the default α is above 1"). The reference log-probs come from a frozen copy of the
+members take sides (for alpha > 1; RESULTS.md §4.2). The reference log-probs come from a frozen copy of the
 SFT adapters (member m's reference is SFT member m) or from the bare base model;
 they never change, so they are computed once, without gradients, and cached.
 
@@ -44,7 +44,7 @@ defaults = dict(
     out_dir='out/dpo',
     resume=False,           # continue from out_dir/ckpt.pt
     # the objective; n_members and the LoRA shape come from the SFT run
-    alpha=3.0,              # contested pairs split the members only for alpha > 1; why 3: see the README
+    alpha=3.0,              # contested pairs split the members only for alpha > 1; why 3: RESULTS.md §4.2
     alpha_ramp_iters=0,     # raise alpha linearly from 0 over these first iters (0: no ramp), see renyi_lora.alpha_at
     beta=0.1,               # inverse temperature of the implied reward beta * log(pi / pi_ref)
     label_smoothing=0.0,    # conservative DPO: the share of preference labels assumed flipped

@@ -42,7 +42,7 @@ defaults = dict(
     # the ensemble
     n_members=4,
     alpha=2.0,              # 0: variational Bayes (every member fits everything); 1: predictive mixture;
-                            # > 1 leans to winner-takes-all. Why 2 is the default: README, "Reading the results"
+                            # > 1 leans to winner-takes-all. why 2: RESULTS.md §3.3
     alpha_ramp_iters=250,   # raise alpha linearly from 0 over these first iters (0: no ramp), renyi_lora.alpha_at
     alpha_hold_iters=0,     # ... keeping it at 0 for the first of them
     lora_rank=8,
