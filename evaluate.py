@@ -280,9 +280,12 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
     by_kind = {kind: [epistemic[p] for p in epistemic if kind_of[p] == kind] for kind in sorted(set(kinds))}
     conflicting = [i for i, kind in enumerate(kinds) if kind == 'conflicting' and test_rows[i].get('group')]
     groups = [test_rows[i]['group'] for i in conflicting]
+    # rows an annotator group answered: the conflicting ones, and any agreed rows that still carry a group
+    grouped = [i for i, row in enumerate(test_rows) if row.get('group') not in (None, benchmark.ALL)]
     members = scores['logp'][:, conflicting].argmax(0).tolist()      # argmax responsibility, for any alpha > 0
     report = dict(alpha=alpha, n_members=scores['logp'].shape[0],
-                  soft_specialisation=soft_specialisation(scores['logp'][:, conflicting], groups),
+                  soft_specialisation=soft_specialisation(scores['logp'][:, grouped],
+                                                          [test_rows[i]['group'] for i in grouped]),
                   argmax_specialisation=specialisation(members, groups),
                   routing=routing_matrix(scores['logp'][:, conflicting], alpha, groups) if groups else None,
                   auroc_conflict=safe_auroc(by_kind.get('conflicting', []), by_kind.get('consistent', [])),
