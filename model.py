@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from renyi_lora import mixture_next_token_logprobs, posterior_weights
+
 
 @dataclass
 class GPTConfig:
@@ -44,12 +46,23 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         *lead, T, C = x.shape                                   # lead = (B,) or (M, B)
         q, k, v = self.c_attn(x).split(C, dim=-1)               # each (*lead, T, C)
         # fold the member and batch axes together: attention never mixes them
         q, k, v = (t.reshape(-1, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (N, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        causal = True
+        if cache is not None:                                   # generation: keys and values of earlier tokens
+            if 'k' in cache:
+                assert T == 1, "after the prompt the cache takes one token at a time"
+                past_k, past_v = cache['k'], cache['v']         # (N', nh, T_past, hs)
+                if past_k.shape[0] != k.shape[0]:               # members' continuations just diverged:
+                    repeat = k.shape[0] // past_k.shape[0]      # the shared trunk's (B, ...) becomes (M * B, ...)
+                    past_k, past_v = past_k.repeat(repeat, 1, 1, 1), past_v.repeat(repeat, 1, 1, 1)
+                k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+                causal = False                                  # one new query may see every cached key
+            cache['k'], cache['v'] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(*lead, T, C)              # (*lead, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -76,8 +89,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -118,56 +131,92 @@ class GPT(nn.Module):
                 return i
         return len(self.transformer.h)
 
-    def forward(self, idx):
-        """idx (B, T) or, with an ensemble, (M, B, T) -> logits (B, T, V) or (M, B, T, V)."""
+    def forward(self, idx, cache=None):
+        """idx (B, T) or, with an ensemble, (M, B, T) -> logits (B, T, V) or (M, B, T, V).
+
+        cache: None, or during generation a list of one dict per block holding the keys and
+        values of the tokens before idx (filled in here); idx then continues those tokens.
+        """
         T = idx.shape[-1]
-        assert T <= self.config.block_size, f"sequence of {T} tokens, block_size is {self.config.block_size}"
+        past = cache[0]['k'].shape[2] if cache is not None and 'k' in cache[0] else 0
+        assert past + T <= self.config.block_size, f"sequence of {past + T} tokens, block_size is {self.config.block_size}"
         if idx.dim() == 3 and idx.shape[0] != self.n_members:
             raise ValueError(f"idx has {idx.shape[0]} members on its first axis, the model has {self.n_members}")
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(past, past + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C) or (M, B, T, C)
         trunk = self.trunk_depth() if idx.dim() == 2 else 0
-        for block in self.transformer.h[:trunk]:
-            x = block(x)                                        # (B, T, C): once for all members
+        caches = cache if cache is not None else [None] * len(self.transformer.h)
+        for block, block_cache in zip(self.transformer.h[:trunk], caches):
+            x = block(x, block_cache)                           # (B, T, C): once for all members
         if self.n_members and x.dim() == 3:
             x = x.expand(self.n_members, *x.shape)              # (M, B, T, C), a view, no copy
-        for block in self.transformer.h[trunk:]:
-            x = block(x)
+        for block, block_cache in zip(self.transformer.h[trunk:], caches[trunk:]):
+            x = block(x, block_cache)
         return self.lm_head(self.transformer.ln_f(x))           # (..., T, V)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, generator=None,
+                 mixture=None, use_cache=True):
         """Continue idx (B, T) by max_new_tokens tokens.
 
-        temperature=0 decodes greedily; otherwise samples from softmax(logits /
-        temperature), restricted to the top_k tokens when top_k is set. With an
-        ensemble, all M members decode together in one batched pass and the result
-        is (M, B, T + new): M continuations per prompt; without, (B, T + new).
-        Once a sequence emits stop_token it keeps emitting it, and decoding ends
-        early when every sequence has stopped.
+        temperature=0 decodes greedily; otherwise samples from the next-token distribution
+        sharpened by 1 / temperature, restricted to the top_k tokens when top_k is set.
+        With an ensemble, `mixture` says whose distribution that is (METHOD.md §6):
+          None        every member decodes its own continuation: (M, B, T + new)
+          'sequence'  one continuation per prompt from the sequence mixture (1/M) sum_m p_m(y | x)
+                      that the alpha > 0 objective trains: members weighted by how well they
+                      explain the tokens so far (posterior_weights): (B, T + new)
+          'token'     one continuation from the equal-weight token mixture mean_m p_m: (B, T + new)
+        Once a sequence emits stop_token it keeps emitting it, and decoding ends early when
+        every sequence has stopped. use_cache keeps every block's keys and values (for all
+        members at once, the shared trunk's once) so each step runs one new token; it falls
+        back to recomputing the whole window when the sequence would outgrow block_size.
         """
-        finished = None
+        if mixture not in (None, 'sequence', 'token'):
+            raise ValueError(f"mixture must be None, 'sequence' or 'token', got {mixture!r}")
+        mixing = mixture is not None and self.n_members > 0
+        use_cache = use_cache and idx.shape[-1] + max_new_tokens <= self.config.block_size
+        cache = [{} for _ in self.transformer.h] if use_cache else None
+        prefix_logp = None                                      # (M, B): log p_m(new tokens so far | prompt)
+        finished, step_input = None, idx
         for _ in range(max_new_tokens):
-            logits = self(idx[..., -self.config.block_size:])[..., -1, :]  # (..., B, V)
-            if temperature == 0:
-                next_token = logits.argmax(-1, keepdim=True)
+            if use_cache:
+                logits = self(step_input, cache)[..., -1, :]   # (..., B, V)
             else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-                    logits = logits.masked_fill(logits < kth, float('-inf'))
-                probs = F.softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
-                next_token = torch.multinomial(probs, 1, generator=generator).view(*logits.shape[:-1], 1)
+                logits = self(idx[..., -self.config.block_size:])[..., -1, :]
+            if mixing:
+                member_logprobs = logits.float().log_softmax(-1)                    # (M, B, V)
+                if prefix_logp is None:
+                    prefix_logp = member_logprobs.new_zeros(member_logprobs.shape[:2])
+                weights = (posterior_weights(prefix_logp) if mixture == 'sequence'
+                           else torch.full_like(prefix_logp, 1.0 / self.n_members))
+                logits = mixture_next_token_logprobs(member_logprobs, weights)      # (B, V)
+            next_token = self._pick(logits, temperature, top_k, generator)          # (..., B, 1)
             if idx.dim() < next_token.dim():
                 idx = idx.expand(self.n_members, *idx.shape)    # (M, B, T): members now diverge
             if stop_token is not None:
                 finished = torch.zeros_like(next_token, dtype=torch.bool) if finished is None else finished
                 next_token = next_token.masked_fill(finished, stop_token)
                 finished = finished | (next_token == stop_token)
-            idx = torch.cat([idx, next_token], dim=-1)
+            if mixing:
+                prefix_logp = prefix_logp + member_logprobs.gather(
+                    -1, next_token.expand(self.n_members, *next_token.shape)).squeeze(-1)
+            idx, step_input = torch.cat([idx, next_token], dim=-1), next_token
             if finished is not None and finished.all():
                 break
         return idx
+
+    @staticmethod
+    def _pick(logits, temperature, top_k, generator):
+        """The next token from (unnormalised) log-probabilities (..., V) -> (..., 1)."""
+        if temperature == 0:
+            return logits.argmax(-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float('-inf'))
+        probs = F.softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
+        return torch.multinomial(probs, 1, generator=generator).view(*logits.shape[:-1], 1)
 
     @classmethod
     def from_pretrained(cls, path):

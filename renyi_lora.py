@@ -143,6 +143,30 @@ def responsibilities(logp, alpha):
     return torch.softmax(alpha * logp, dim=0)
 
 
+def posterior_weights(prefix_logp):
+    """How much each member is trusted after the response so far (METHOD.md §6).
+
+        w_m(x, y_<t) = p_m(y_<t | x) / sum_k p_k(y_<t | x)   = softmax_m(log p_m(y_<t | x))
+
+    prefix_logp: (M, ...) summed log-likelihood of the tokens so far -> (M, ...), summing
+    to one over members; 1/M each before the first token (prefix_logp all 0).
+    """
+    return torch.softmax(prefix_logp, dim=0)
+
+
+def mixture_next_token_logprobs(member_logprobs, weights):
+    """The next-token log-distribution of a weighted mixture of the members.
+
+        log p(y_t | x, y_<t) = log sum_m w_m * p_m(y_t | x, y_<t)
+
+    member_logprobs: (M, ..., V) log-softmaxed; weights: (M, ...) -> (..., V). With
+    posterior_weights this is the sequence mixture (1/M) sum_m p_m(y | x) that the
+    alpha > 0 objective trains, token by token; with w_m = 1/M it is the equal-weight
+    token mixture, in which members that do not explain the response so far still vote.
+    """
+    return torch.logsumexp(member_logprobs + weights.clamp_min(1e-30).log().unsqueeze(-1), dim=0)
+
+
 def alpha_at(it, alpha, ramp_iters, hold_iters=0):
     """The alpha of training step `it`: 0 for the first hold_iters steps, then a linear ramp to `alpha`
     at step ramp_iters.
