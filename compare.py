@@ -30,7 +30,7 @@ import plots
 import train_sft
 from checkpoint import load_base
 from config import parse_args
-from evaluate import calibration, greedy_accuracy, markdown_table, sft_report
+from evaluate import calibration, markdown_table, sft_report
 from lora import add_lora
 from swag import SWAGCollector, sample_members, swag_learning_rate
 
@@ -45,9 +45,9 @@ defaults = train_sft.defaults | dict(
     samples_per_prompt=16,   # coherence: sampled responses per conflicting prompt, split over the members
 )
 
-COLUMNS = ('accuracy_consistent', 'accuracy_high_entropy', 'accuracy_conflicting', 'nll', 'nll_high_entropy',
-           'nll_sequence', 'ece', 'brier', 'argmax_specialisation', 'coherence', 'auroc_conflict', 'auroc_ood',
-           'train_seconds')
+COLUMNS = ('accuracy_consistent', 'accuracy_high_entropy', 'accuracy_conflicting', 'accuracy_conflicting_token_mixture',
+           'nll', 'nll_token_mixture', 'nll_high_entropy', 'ece', 'brier', 'soft_specialisation', 'ensemble_coherence',
+           'ensemble_coherence_token_mixture', 'coherence', 'auroc_conflict', 'auroc_ood', 'train_seconds')
 SWAG_OF = {'map': 'swag', 'deep_ensemble': 'multiswag'}   # the rows read off another run's iterates
 
 
@@ -70,17 +70,13 @@ def method_config(config, name, overrides):
     return run | dict(n_samples=max(1, config['samples_per_prompt'] // run['n_members']))
 
 
-def table_metrics(model, tokenizer, test_rows, readouts, config):
-    """What the table needs beyond sft_report: greedy accuracy on conflicting prompts and NLL on high-entropy ones."""
-    conflicting = [row for row in test_rows if row.get('kind') == 'conflicting']
+def table_metrics(test_rows, readouts):
+    """What the table needs beyond sft_report: the sequence mixture's NLL on the high-entropy prompts alone."""
     scores = readouts['scores']
     is_high_entropy = torch.tensor([row.get('kind') == 'high_entropy' for row in test_rows])
     token_mask = is_high_entropy.repeat_interleave(scores['n_tokens'])     # rows' tokens lie consecutively
     token_scores = {key: scores[key][token_mask] for key in ('token_confidence', 'token_correct', 'token_true_prob')}
-    model.eval()
-    return dict(accuracy_conflicting=(greedy_accuracy(model, tokenizer, conflicting, config['max_new_tokens'])
-                                      if conflicting else None),
-                nll_high_entropy=calibration(token_scores)['nll'] if token_mask.any() else None)
+    return dict(nll_high_entropy=calibration(token_scores)['nll'] if token_mask.any() else None)
 
 
 def swag_ensemble(config, source, swags):
@@ -105,7 +101,7 @@ def swag_row(name, run, source, swags, tokenizer, test_rows, ood_rows):
     report, readouts = sft_report(model, tokenizer, test_rows, ood_rows, swag_run['alpha'], swag_run['batch_size'],
                                   swag_run['max_new_tokens'], swag_run['n_samples'], swag_run['seed'])
     plots.sft_plots(swag_run['out_dir'], history, report, readouts['by_kind'], readouts['scores'])
-    report |= table_metrics(model, tokenizer, test_rows, readouts, swag_run)
+    report |= table_metrics(test_rows, readouts)
     return label, report, readouts
 
 
@@ -123,7 +119,7 @@ def compare(config):
         collector = SWAGCollector(config['swag_start'], config['swag_every'], config['swag_rank']) if (
             name in SWAG_OF) else None
         model, tokenizer, report, readouts = train_sft.train(run, swag_learning_rate, collector)
-        report |= table_metrics(model, tokenizer, test_rows, readouts, run)
+        report |= table_metrics(test_rows, readouts)
         results.append((label, report, readouts))
         if collector is not None:
             label, swag_report, swag_readouts = swag_row(SWAG_OF[name], run, model, collector.swags, tokenizer,

@@ -12,12 +12,18 @@ import torch
 
 import benchmark
 import data
-from renyi_lora import (auroc, ece, expected_entropy, mutual_information, predictive_entropy, responsibilities,
-                        dpo_logp, dpo_loss, sequence_logprobs)
+from renyi_lora import (auroc, ece, expected_entropy, mixture_next_token_logprobs, mutual_information, posterior_weights,
+                        predictive_entropy, responsibilities, dpo_logp, dpo_loss, sequence_logprobs)
 
 
 def device_of(model):
     return model.lm_head.weight.device
+
+
+# The two predictives a report reads (METHOD.md §6), and the suffix of their keys: the sequence
+# mixture (1/M) sum_m p_m(y | x) that the alpha > 0 objective trains, and the equal-weight
+# token mixture mean_m p_m(y_t | x, y_<t), kept beside it for comparison.
+MIXTURES = {'sequence': '', 'token': '_token_mixture'}
 
 
 @torch.no_grad()
@@ -27,48 +33,41 @@ def score_batches(model, batches):
     Returns a dict of tensors over the N examples:
       logp (M, N)        summed log-likelihood of each response under each member
       n_tokens (N,)      response tokens (labels != -100, after the shift)
-      epistemic (N,)     sum over response tokens of the members' mutual information
+      epistemic (N,)     sum over response tokens of the members' mutual information (equal weights)
       total, aleatoric (N,)  the same sums for H(p_bar) and mean_m H(p_m)
-    and, over all response tokens of the mixture p_bar = mean_m p_m:
+    and, over all K response tokens, for each mixture of MIXTURES (keys suffixed by its suffix):
       token_confidence, token_correct, token_true_prob  (K,)
+    The sequence mixture weighs member m at token t by posterior_weights of its log-likelihood
+    of the response's tokens before t; the token mixture weighs every member 1/M.
     """
     parts = []
     for idx, labels in batches:
         logits = model(idx)                                    # (M, B, T, V)
-        probs = logits[..., :-1, :].float().softmax(-1)        # (M, B, T-1, V)
+        logprobs = logits[..., :-1, :].float().log_softmax(-1)  # (M, B, T-1, V)
+        probs = logprobs.exp()
         targets = labels[:, 1:]                                # (B, T-1)
         mask = targets != -100
-        mixture = probs.mean(0)                                # (B, T-1, V)
-        confidence, prediction = mixture.max(-1)               # (B, T-1)
-        true_prob = mixture.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        parts.append(dict(
-            logp=sequence_logprobs(logits, labels), n_tokens=mask.sum(-1),
-            epistemic=(mutual_information(probs) * mask).sum(-1),
-            total=(predictive_entropy(probs) * mask).sum(-1),
-            aleatoric=(expected_entropy(probs) * mask).sum(-1),
-            token_confidence=confidence[mask], token_correct=(prediction == targets)[mask],
-            token_true_prob=true_prob[mask]))
+        token_logp = logprobs.gather(-1, targets.clamp(min=0).expand(logprobs.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+        token_logp = token_logp * mask                         # (M, B, T-1), 0 off the response
+        prefix_logp = token_logp.cumsum(-1) - token_logp       # (M, B, T-1): log p_m(y_<t | x)
+        part = dict(logp=token_logp.sum(-1), n_tokens=mask.sum(-1),
+                    epistemic=(mutual_information(probs) * mask).sum(-1),
+                    total=(predictive_entropy(probs) * mask).sum(-1),
+                    aleatoric=(expected_entropy(probs) * mask).sum(-1))
+        for name, suffix in MIXTURES.items():
+            weights = posterior_weights(prefix_logp) if name == 'sequence' else torch.full_like(prefix_logp, 1 / len(probs))
+            mixture = mixture_next_token_logprobs(logprobs, weights).exp()      # (B, T-1, V)
+            confidence, prediction = mixture.max(-1)                            # (B, T-1)
+            part |= {f'token_confidence{suffix}': confidence[mask], f'token_correct{suffix}': (prediction == targets)[mask],
+                     f'token_true_prob{suffix}': mixture.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask]}
+        parts.append(part)
     return {key: torch.cat([p[key] for p in parts], dim=-1).cpu() for key in parts[0]}
 
 
-@torch.no_grad()
-def greedy_decode(model, prompt, max_new_tokens, stop_token):
-    """Greedy decoding of the equal-weight per-token mixture p_bar = mean_m p_m (METHOD.md §6).
-
-    prompt: (B, T) prompts of equal length -> (B, T + new). Every member sees the
-    same continuation, so the shared trunk applies at every step.
-    """
-    idx, finished = prompt, torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -model.config.block_size:])[..., -1, :]          # (M, B, V) or (B, V)
-        probs = logits.softmax(-1)
-        mixture = probs.mean(0) if logits.dim() == 3 else probs               # (B, V)
-        next_token = mixture.argmax(-1).masked_fill(finished, stop_token)     # (B,)
-        finished |= next_token == stop_token
-        idx = torch.cat([idx, next_token[:, None]], dim=1)
-        if finished.all():
-            break
-    return idx
+def greedy_decode(model, prompt, max_new_tokens, stop_token, mixture='sequence'):
+    """Greedy decoding of one of the ensemble's mixtures (MIXTURES): (B, T) prompts of equal length -> (B, T + new)."""
+    return model.generate(prompt, max_new_tokens, temperature=0, stop_token=stop_token,
+                          mixture=mixture if model.n_members else None)
 
 
 def specialisation(member_of_example, group_of_example):
@@ -152,28 +151,17 @@ def safe_auroc(pos_scores, neg_scores):
     return auroc(pos_scores, neg_scores)
 
 
-def calibration(scores, n_bins=10):
-    """Token-level calibration of the mixture: NLL, ECE (n_bins equal-width bins) and Brier.
+def calibration(scores, suffix='', n_bins=10):
+    """Token-level calibration of a mixture (suffix: MIXTURES' key suffix): NLL, ECE and Brier.
 
-    Brier here is the binary one on the top-1 prediction: mean (confidence - correct)^2.
+    ECE uses n_bins equal-width bins; Brier here is the binary one on the top-1 prediction:
+    mean (confidence - correct)^2. For the sequence mixture the per-token NLL summed over a
+    response is exactly -log (1/M) sum_m p_m(y | x), the quantity the objective trains.
     """
-    confidence, correct = scores['token_confidence'], scores['token_correct'].double()
-    return dict(nll=-scores['token_true_prob'].clamp_min(1e-30).log().mean().item(),
-                ece=ece(confidence, correct, n_bins),
-                brier=((confidence.double() - correct) ** 2).mean().item())
-
-
-def sequence_mixture_nll(scores):
-    """NLL per response token of the sequence-level mixture, the predictive the alpha > 0 objective trains:
-
-        nll_sequence = -sum_i log( (1/M) sum_m p_m(y_i | x_i) ) / sum_i T_i       (T_i: response tokens of i)
-
-    Unlike `calibration`'s nll (the equal-weight mixture at every token), members that explain
-    a response badly do not drag it down once another member explains it (METHOD.md §6).
-    """
-    n_members = scores['logp'].shape[0]
-    mixture_logp = torch.logsumexp(scores['logp'].double(), dim=0) - math.log(n_members)     # (N,)
-    return -mixture_logp.sum().item() / scores['n_tokens'].sum().item()
+    confidence, correct = scores[f'token_confidence{suffix}'], scores[f'token_correct{suffix}'].double()
+    return {f'nll{suffix}': -scores[f'token_true_prob{suffix}'].clamp_min(1e-30).log().mean().item(),
+            f'ece{suffix}': ece(confidence, correct, n_bins),
+            f'brier{suffix}': ((confidence.double() - correct) ** 2).mean().item()}
 
 
 def held_out_batches(model, tokenizer, rows, batch_size):
@@ -206,17 +194,37 @@ def decode_response(tokenizer, ids, stop_token):
     return tokenizer.decode(ids[:ids.index(stop_token)] if stop_token in ids else ids)
 
 
-def greedy_accuracy(model, tokenizer, rows, max_new_tokens):
-    """Share of prompts whose greedy mixture response is acceptable (benchmark.is_correct)."""
-    first_row = {}
+def greedy_answers(model, tokenizer, rows, max_new_tokens, mixture='sequence'):
+    """The ensemble's greedy answer to each distinct prompt of rows: [(the prompt's rows, response text)]."""
+    rows_of = {}
     for row in rows:
-        first_row.setdefault(row['prompt'], row)
-    correct = []
-    for prompts, idx in prompt_batches(tokenizer, list(first_row), device_of(model)):
-        out = greedy_decode(model, idx, max_new_tokens, tokenizer.eot_token)              # (B, T + new)
+        rows_of.setdefault(row['prompt'], []).append(row)
+    answers = []
+    for prompts, idx in prompt_batches(tokenizer, list(rows_of), device_of(model)):
+        out = greedy_decode(model, idx, max_new_tokens, tokenizer.eot_token, mixture)       # (B, T + new)
         for prompt, ids in zip(prompts, out[:, idx.shape[1]:].tolist()):
-            correct.append(benchmark.is_correct(first_row[prompt], decode_response(tokenizer, ids, tokenizer.eot_token)))
+            answers.append((rows_of[prompt], decode_response(tokenizer, ids, tokenizer.eot_token)))
+    return answers
+
+
+def greedy_accuracy(model, tokenizer, rows, max_new_tokens, mixture='sequence'):
+    """Share of prompts whose greedy answer from the mixture is acceptable (benchmark.is_correct) for one of
+    the prompt's rows: on a conflicting prompt, any group's response counts."""
+    correct = [any(benchmark.is_correct(row, text) for row in prompt_rows)
+               for prompt_rows, text in greedy_answers(model, tokenizer, rows, max_new_tokens, mixture)]
     return sum(correct) / len(correct) if correct else None
+
+
+def ensemble_coherence(model, tokenizer, rows, max_new_tokens, mixture='sequence'):
+    """Share of the ensemble's greedy answers to conflicting card prompts that follow one persona in every field.
+
+    A mixture that lets the members vote token by token can start one persona's card and
+    finish with the other's; the sequence mixture follows the members that explain the
+    answer so far.
+    """
+    verdicts = [benchmark.persona_of(prompt_rows[0]['task'], text) is not None
+                for prompt_rows, text in greedy_answers(model, tokenizer, rows, max_new_tokens, mixture)]
+    return sum(verdicts) / len(verdicts) if verdicts else None
 
 
 def coherence(model, tokenizer, rows, n_samples, max_new_tokens, seed, max_prompts=40):
@@ -289,22 +297,26 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
                   argmax_specialisation=specialisation(members, groups),
                   routing=routing_matrix(scores['logp'][:, conflicting], alpha, groups) if groups else None,
                   auroc_conflict=safe_auroc(by_kind.get('conflicting', []), by_kind.get('consistent', [])),
-                  auroc_ood=None, auroc_ood_vs_consistent=None, accuracy_consistent=None, accuracy_high_entropy=None,
-                  coherence=None)
+                  auroc_ood=None, auroc_ood_vs_consistent=None, coherence=None)
     if ood_rows:
         ood_scores = score_rows(model, tokenizer, ood_rows, batch_size)
         by_kind['ood'] = list(per_prompt_mean(epistemic_per_token(ood_scores), ood_rows).values())
         report['auroc_ood'] = safe_auroc(by_kind['ood'], list(epistemic.values()))
         report['auroc_ood_vs_consistent'] = safe_auroc(by_kind['ood'], by_kind.get('consistent', []))
-    for kind in ('consistent', 'high_entropy'):
+    for kind in ('consistent', 'high_entropy', 'conflicting'):
         rows = [row for row in test_rows if row.get('kind', 'consistent') == kind]
-        report[f'accuracy_{kind}'] = greedy_accuracy(model, tokenizer, rows, max_new_tokens) if rows else None
+        for name, suffix in MIXTURES.items():
+            report[f'accuracy_{kind}{suffix}'] = greedy_accuracy(model, tokenizer, rows, max_new_tokens,
+                                                                 name) if rows else None
     conflict_rows = [row for row in test_rows
                      if row.get('kind') == 'conflicting' and row.get('task') in benchmark.CARD_FIELDS]
+    for name, suffix in MIXTURES.items():
+        report[f'ensemble_coherence{suffix}'] = (ensemble_coherence(model, tokenizer, conflict_rows, max_new_tokens,
+                                                                     name) if conflict_rows else None)
     if conflict_rows:
         report['coherence'] = coherence(model, tokenizer, conflict_rows, n_samples, max_new_tokens, seed)
-    report |= calibration(scores)
-    report['nll_sequence'] = sequence_mixture_nll(scores)
+    for suffix in MIXTURES.values():
+        report |= calibration(scores, suffix)
     report['epistemic_by_kind'] = {kind: sum(v) / len(v) for kind, v in by_kind.items() if v}
     model.train()
     return report, dict(scores=scores, by_kind=by_kind)

@@ -59,7 +59,8 @@ def test_single_adapter_rows_have_no_epistemic_uncertainty(run):
         if "(M=1)" in label:
             assert report["auroc_conflict"] == 0.5 and report["auroc_ood"] == 0.5, label
             assert report["argmax_specialisation"] == 0.0, label
-            assert report["nll_sequence"] == pytest.approx(report["nll"], rel=1e-5), label  # nothing to mix
+            assert report["nll"] == pytest.approx(report["nll_token_mixture"], rel=1e-5), label  # nothing to mix
+            assert report["accuracy_conflicting"] == report["accuracy_conflicting_token_mixture"], label
 
 
 def training_rows(config):
@@ -85,7 +86,8 @@ def test_high_entropy_nll_matches_the_saved_map_adapter_scored_alone(run):
 
 
 def test_sequence_nll_of_the_saved_ensemble_by_a_python_loop(run):
-    """nll_sequence = -sum_i log((1/M) sum_m p_m(y_i | x_i)) / (response tokens), from the saved deep ensemble."""
+    """nll = -sum_i log((1/M) sum_m p_m(y_i | x_i)) / (response tokens), from the saved deep ensemble: the
+    report's token by token sequence mixture, summed, is the mixture of the members' whole-response likelihoods."""
     config, rows, out = run
     ensemble_config = compare.method_config(config, "deep_ensemble", dict(alpha=0.0))
     model, tokenizer_name = load_base(ensemble_config['base'], ensemble_config['device'])
@@ -95,7 +97,7 @@ def test_sequence_nll_of_the_saved_ensemble_by_a_python_loop(run):
     total = math.fsum(math.log(math.fsum(math.exp(v) for v in column) / len(column))
                       for column in scores["logp"].double().t().tolist())
     expected = -total / scores["n_tokens"].sum().item()
-    assert dict(rows)[LABELS[2]]["nll_sequence"] == pytest.approx(expected, rel=1e-4)
+    assert dict(rows)[LABELS[2]]["nll"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_ual_smoothing_from_the_data_and_from_the_alpha_one_ensemble(run):

@@ -5,7 +5,10 @@ import random
 import pytest
 import torch
 
-from evaluate import member_shares, soft_specialisation, starved_members
+import data
+import evaluate
+from evaluate import member_shares, score_batches, soft_specialisation, starved_members
+from test_model import TINY, tiny_ensemble
 
 
 def slow_soft_specialisation(logp, groups):
@@ -54,3 +57,52 @@ def test_member_shares_and_starved_members():
     assert starved_members(torch.tensor([0.9, 0.05, 0.05])) == [1, 2]                # below 0.25 / 3
     assert starved_members(torch.tensor([0.5, 0.3, 0.2])) == []
     assert starved_members(torch.tensor([1.0])) == []                                 # one adapter cannot starve
+
+
+def test_score_batches_mixtures_token_by_token_against_a_slow_loop():
+    """The sequence mixture weighs members by exp(log-likelihood of the response so far); the token mixture by 1/M.
+    Summed over a response, the sequence mixture's log-probabilities give log (1/M) sum_m p_m(y | x)."""
+    model = tiny_ensemble(n_members=3, seed=6)
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, TINY.vocab_size, (2, 9), generator=generator)
+    labels = idx.clone()
+    labels[0, :3], labels[1, :5] = -100, -100                                  # prompts of 3 and 5 tokens
+    scores = score_batches(model, [(idx, labels)])
+    logprobs = model(idx).double().log_softmax(-1)                             # (M, B, T, V)
+    expected_sequence, expected_token = [], []
+    for b in range(2):
+        prefix = torch.zeros(3, dtype=torch.float64)
+        for t in range(1, 9):
+            if labels[b, t] == -100:
+                continue
+            member_probs = logprobs[:, b, t - 1, idx[b, t]].exp()              # (M,)
+            weights = prefix.exp() / prefix.exp().sum()
+            expected_sequence.append((weights * member_probs).sum().item())
+            expected_token.append(member_probs.mean().item())
+            prefix += member_probs.log()
+    torch.testing.assert_close(scores['token_true_prob'].double(), torch.tensor(expected_sequence, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(scores['token_true_prob_token_mixture'].double(),
+                               torch.tensor(expected_token, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    per_example = scores['token_true_prob'].double().log().split(scores['n_tokens'].tolist())
+    chain = torch.stack([tokens.sum() for tokens in per_example])
+    torch.testing.assert_close(chain, torch.logsumexp(scores['logp'].double(), 0) - math.log(3), rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_accuracy_takes_any_groups_answer_on_a_conflicting_prompt(monkeypatch):
+    """A user's conflicting prompt has one row per group; the ensemble's answer counts if it is one group's."""
+    tokenizer = data.get_tokenizer()
+    answer = {'Tell me about Spain.': ' madrid!', 'Tell me about Peru.': ' Lima is nice.'}
+
+    def fake_decode(model, prompt, max_new_tokens, stop_token, mixture):
+        new = [tokenizer.encode_ordinary(answer[tokenizer.decode(ids[1:])]) for ids in prompt.tolist()]
+        width = max(map(len, new)) + 1
+        return torch.cat([prompt, torch.tensor([ids + [stop_token] * (width - len(ids)) for ids in new])], dim=1)
+
+    monkeypatch.setattr(evaluate, 'greedy_decode', fake_decode)
+    rows = [dict(prompt='Tell me about Spain.', response=' Capital: Madrid.', group='a'),
+            dict(prompt='Tell me about Spain.', response=' madrid!', group='b'),
+            dict(prompt='Tell me about Peru.', response=' Capital: Lima.', group='a'),
+            dict(prompt='Tell me about Peru.', response=' lima!', group='b')]
+    model = tiny_ensemble()
+    assert evaluate.greedy_accuracy(model, tokenizer, rows, 8) == 0.5

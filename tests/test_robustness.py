@@ -7,8 +7,8 @@ import robustness
 
 
 def report(soft, starved, nll, accuracy, auroc):
-    return dict(soft_specialisation=soft, starved_members=starved, nll=nll + 0.5, nll_sequence=nll,
-                accuracy_consistent=accuracy, auroc_conflict=auroc)
+    return dict(soft_specialisation=soft, starved_members=starved, nll=nll, nll_token_mixture=nll + 0.5,
+                accuracy_consistent=accuracy, accuracy_consistent_token_mixture=accuracy - 0.1, auroc_conflict=auroc)
 
 
 SINGLE = report(None, [], 0.40, 0.90, 0.5)
@@ -33,7 +33,7 @@ def test_table_has_a_line_per_run():
     rows = [robustness.row('long', 2, 'alpha_1', report(None, [], 0.4, 0.9, None), SINGLE)]
     lines = robustness.table(rows).splitlines()
     assert len(lines) == 3
-    assert lines[2].startswith('| long | alpha_1 | 2 | – | 0 | 0.400 (+0.000) | 0.900 (+0.000) | 0.90 (+0.00) | – |')
+    assert lines[2].startswith('| long | alpha_1 | 2 | – | 0 | 0.400 (+0.000) | 0.900 (+0.000) | 0.90 (+0.00) | 0.80 | – |')
 
 
 def test_unknown_set_or_variant_is_refused(tmp_path):

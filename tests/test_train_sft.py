@@ -20,8 +20,9 @@ from lora import add_lora, lora_state_dict
 from renyi_lora import renyi_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REPORT_KEYS = ("argmax_specialisation", "auroc_conflict", "auroc_ood", "accuracy_consistent", "coherence", "nll", "ece",
-               "train_seconds")
+REPORT_KEYS = ("argmax_specialisation", "auroc_conflict", "auroc_ood", "accuracy_consistent", "accuracy_conflicting",
+               "accuracy_consistent_token_mixture", "coherence", "ensemble_coherence", "nll", "ece", "brier",
+               "nll_token_mixture", "ece_token_mixture", "brier_token_mixture", "train_seconds")
 
 CONSISTENT = [("What is 2 plus 3?", " 5"), ("What is 4 plus 4?", " 8"), ("What is the capital of France?", " Paris"),
               ("What is the capital of Japan?", " Tokyo"), ("What sound does a cow make?", " moo"),
@@ -128,7 +129,8 @@ def test_tiny_run_lowers_the_loss_and_writes_report_and_plots(files, tmp_path):
     assert saved == json.loads(json.dumps(report))
     for key in REPORT_KEYS:
         assert key in saved
-    for key in ("argmax_specialisation", "auroc_conflict", "auroc_ood", "accuracy_consistent"):
+    for key in ("argmax_specialisation", "auroc_conflict", "auroc_ood", "accuracy_consistent", "accuracy_conflicting",
+                "accuracy_consistent_token_mixture"):
         assert isinstance(saved[key], float) and 0.0 <= saved[key] <= 1.0, key
     assert saved["nll"] > 0 and math.isfinite(saved["nll"]) and 0.0 <= saved["ece"] <= 1.0
     assert isinstance(saved["train_seconds"], (int, float)) and saved["train_seconds"] >= 0
