@@ -12,7 +12,8 @@ batches of 32 examples of about 27 tokens):
   (b) one adapter on a batch of M*B                    (the same arithmetic, no member axis)
   (c) a Python loop over M one-adapter models, batch B (what a per-adapter loop does)
   (d) torch.func.stack_module_state + vmap over those M models
-then decoding (M members together vs one after another), the shared frozen trunk
+then decoding (M members together vs one after another; the KV cache on vs off, for the
+sequence mixture and for every member's own continuation), the shared frozen trunk
 (adapters on the top half, sharing on vs off) and the MFU of (a): the step's matmul
 FLOPs (counted by torch's FlopCounterMode) per second over a matmul peak measured here.
 """
@@ -42,6 +43,8 @@ defaults = dict(
     seq_len=27,                             # the length of a padded benchmark SFT batch
     prompt_len=14,                          # tokens without a label (the benchmark's mean prompt)
     new_tokens=32,                          # decoding benchmark: tokens generated per member
+    cache_prompt_len=32,                    # KV-cache benchmark: a prompt of this many tokens ...
+    cache_new_tokens=96,                    # ... continued by this many, with and without the cache
     n_warmup=3,
     n_timed=20,
     n_threads=0,                            # 0: torch's default (one per physical core)
@@ -144,6 +147,15 @@ def decode_seconds(config, model):
     return times['together'], times['apart']
 
 
+def cache_seconds(config, model):
+    """Seconds to decode cache_new_tokens greedily after a cache_prompt_len prompt: {(mixture, use_cache): s}."""
+    prompt = torch.randint(config['vocab_size'], (1, config['cache_prompt_len']))
+    runs = {(mixture, use_cache): (lambda mixture=mixture, use_cache=use_cache: model.generate(
+                prompt, config['cache_new_tokens'], temperature=0, mixture=mixture, use_cache=use_cache))
+            for mixture in ('sequence', None) for use_cache in (True, False)}
+    return median_seconds(runs, config | dict(n_timed=max(1, config['n_timed'] // 4)))
+
+
 def trunk_seconds(config, idx, labels):
     """Adapters on the top half: (step with the trunk shared, step without, forward of the frozen half for M members)."""
     n_layer, n_members = config['n_layer'], config['n_members']
@@ -197,6 +209,7 @@ def main(argv=None):
     times = median_seconds(steps, config)
     flops = step_flops(batched, idx, labels)
     together, apart = decode_seconds(config, batched)
+    cached = cache_seconds(config, batched)
     shared, unshared, frozen = trunk_seconds(config, idx, labels)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
@@ -219,6 +232,14 @@ def main(argv=None):
     print(f"{f'{n_members} members together':<46}{ms(together)}  {new / together:.0f}")
     print(f"{f'{n_members} members one after another':<46}{ms(apart)}  {new / apart:.0f}"
           f"   together/apart speed-up {apart / together:.2f}")
+    print(f"\n{'decoding ' + str(config['cache_new_tokens']) + ' tokens after ' + str(config['cache_prompt_len']):<46}"
+          f"{'ms':>9}  tokens/s")
+    for mixture in ('sequence', None):
+        n_new = config['cache_new_tokens'] * (1 if mixture else n_members)
+        for use_cache in (True, False):
+            name = f"mixture={mixture}, {'KV cache' if use_cache else 'no cache'}"
+            print(f"{name:<46}{ms(cached[mixture, use_cache])}  {n_new / cached[mixture, use_cache]:.0f}"
+                  + (f"   cache speed-up {cached[mixture, False] / cached[mixture, True]:.2f}" if use_cache else ''))
     saved, ideal = unshared - shared, frozen * (n_members - 1) / n_members
     top_half = f"adapters on blocks {config['n_layer'] // 2}..{config['n_layer'] - 1} (step)"
     print(f"\n{top_half:<46}{'ms':>9}")
@@ -229,7 +250,9 @@ def main(argv=None):
     mfu = flops / times['a'] / peak
     print(f"\ntargets: (a)/(b) = {times['a'] / times['b']:.2f} <= 1.15 {times['a'] <= 1.15 * times['b']}; "
           f"(c)/(a) = {times['c'] / times['a']:.2f} > 1 {times['c'] > times['a']}; "
-          f"trunk saved/ideal = {saved / ideal:.2f} >= 1 {saved >= ideal}; MFU {mfu:.0%} >= 40% {mfu >= 0.4}")
+          f"trunk saved/ideal = {saved / ideal:.2f} >= 1 {saved >= ideal}; MFU {mfu:.0%} >= 40% {mfu >= 0.4}; "
+          f"cache speed-up (sequence mixture) {cached['sequence', False] / cached['sequence', True]:.2f} >= 3 "
+          f"{cached['sequence', False] >= 3 * cached['sequence', True]}")
     if config['profile']:
         print("\nprofile of (a), 3 steps:")
         print_profile(steps['a'])
