@@ -207,23 +207,22 @@ def greedy_answers(model, tokenizer, rows, max_new_tokens, mixture='sequence'):
     return answers
 
 
-def greedy_accuracy(model, tokenizer, rows, max_new_tokens, mixture='sequence'):
-    """Share of prompts whose greedy answer from the mixture is acceptable (benchmark.is_correct) for one of
-    the prompt's rows: on a conflicting prompt, any group's response counts."""
-    correct = [any(benchmark.is_correct(row, text) for row in prompt_rows)
-               for prompt_rows, text in greedy_answers(model, tokenizer, rows, max_new_tokens, mixture)]
+def greedy_accuracy(answers):
+    """Share of greedy_answers' answers that are acceptable (benchmark.is_correct) for one of their prompt's
+    rows: on a conflicting prompt, any group's response counts. None without answers."""
+    correct = [any(benchmark.is_correct(row, text) for row in prompt_rows) for prompt_rows, text in answers]
     return sum(correct) / len(correct) if correct else None
 
 
-def ensemble_coherence(model, tokenizer, rows, max_new_tokens, mixture='sequence'):
-    """Share of the ensemble's greedy answers to conflicting card prompts that follow one persona in every field.
+def ensemble_coherence(answers):
+    """Share of greedy_answers' answers to conflicting card prompts that follow one persona in every field.
 
     A mixture that lets the members vote token by token can start one persona's card and
     finish with the other's; the sequence mixture follows the members that explain the
-    answer so far.
+    answer so far. None without card prompts.
     """
     verdicts = [benchmark.persona_of(prompt_rows[0]['task'], text) is not None
-                for prompt_rows, text in greedy_answers(model, tokenizer, rows, max_new_tokens, mixture)]
+                for prompt_rows, text in answers if prompt_rows[0].get('task') in benchmark.CARD_FIELDS]
     return sum(verdicts) / len(verdicts) if verdicts else None
 
 
@@ -303,16 +302,15 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
         by_kind['ood'] = list(per_prompt_mean(epistemic_per_token(ood_scores), ood_rows).values())
         report['auroc_ood'] = safe_auroc(by_kind['ood'], list(epistemic.values()))
         report['auroc_ood_vs_consistent'] = safe_auroc(by_kind['ood'], by_kind.get('consistent', []))
-    for kind in ('consistent', 'high_entropy', 'conflicting'):
-        rows = [row for row in test_rows if row.get('kind', 'consistent') == kind]
-        for name, suffix in MIXTURES.items():
-            report[f'accuracy_{kind}{suffix}'] = greedy_accuracy(model, tokenizer, rows, max_new_tokens,
-                                                                 name) if rows else None
+    for name, suffix in MIXTURES.items():          # greedy answers of each mixture to the prompts of each kind
+        for kind in ('consistent', 'high_entropy', 'conflicting'):
+            rows = [row for row in test_rows if row.get('kind', 'consistent') == kind]
+            answers = greedy_answers(model, tokenizer, rows, max_new_tokens, name)
+            report[f'accuracy_{kind}{suffix}'] = greedy_accuracy(answers)
+            if kind == 'conflicting':
+                report[f'ensemble_coherence{suffix}'] = ensemble_coherence(answers)
     conflict_rows = [row for row in test_rows
                      if row.get('kind') == 'conflicting' and row.get('task') in benchmark.CARD_FIELDS]
-    for name, suffix in MIXTURES.items():
-        report[f'ensemble_coherence{suffix}'] = (ensemble_coherence(model, tokenizer, conflict_rows, max_new_tokens,
-                                                                     name) if conflict_rows else None)
     if conflict_rows:
         report['coherence'] = coherence(model, tokenizer, conflict_rows, n_samples, max_new_tokens, seed)
     for suffix in MIXTURES.values():

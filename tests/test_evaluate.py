@@ -105,4 +105,15 @@ def test_greedy_accuracy_takes_any_groups_answer_on_a_conflicting_prompt(monkeyp
             dict(prompt='Tell me about Peru.', response=' Capital: Lima.', group='a'),
             dict(prompt='Tell me about Peru.', response=' lima!', group='b')]
     model = tiny_ensemble()
-    assert evaluate.greedy_accuracy(model, tokenizer, rows, 8) == 0.5
+    assert evaluate.greedy_accuracy(evaluate.greedy_answers(model, tokenizer, rows, 8)) == 0.5
+
+
+def test_ensemble_coherence_counts_answers_that_keep_one_persona():
+    import benchmark
+    cards = [row for row in benchmark.make_benchmark(seed=0)['sft_test'] if row['task'] == 'sum_card']
+    formal = next(row for row in cards if row['group'] == 'formal')
+    casual = next(row for row in cards if row['group'] == 'casual' and row['prompt'] != formal['prompt'])
+    mixed = casual['response'].split(',')[0] + ', Parity: Odd.'             # casual sum, formal parity
+    answers = [([formal], formal['response']), ([casual], casual['response']), ([casual], mixed),
+               ([dict(prompt='q', response=' a', task='add')], ' a')]      # not a card: not counted
+    assert evaluate.ensemble_coherence(answers) == pytest.approx(2 / 3)
