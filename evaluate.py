@@ -116,6 +116,22 @@ def soft_specialisation(logp, groups):
     return (mutual_information / group_entropy).item()
 
 
+def per_prompt_specialisation(logp, groups, prompts):
+    """soft_specialisation within each prompt that several groups answered, averaged over those prompts.
+
+    logp: (M, N), groups and prompts: N labels -> float in [0, 1], or None without such a
+    prompt. 1 when, on every conflicting prompt, each group's response is explained by its
+    own members, even if which members side with which group changes from prompt to prompt;
+    soft_specialisation is 1 only when the sides stay the same across prompts.
+    """
+    rows_of = {}
+    for i, prompt in enumerate(prompts):
+        rows_of.setdefault(prompt, []).append(i)
+    scores = [soft_specialisation(logp[:, rows], [groups[i] for i in rows]) for rows in rows_of.values()]
+    scores = [score for score in scores if score is not None]
+    return sum(scores) / len(scores) if scores else None
+
+
 def member_shares(logp, alpha):
     """Each member's share of the responsibility, mean_i softmax_m(alpha * log p_m(x_i)): (M,) summing to 1.
 
@@ -293,6 +309,9 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
     report = dict(alpha=alpha, n_members=scores['logp'].shape[0],
                   soft_specialisation=soft_specialisation(scores['logp'][:, grouped],
                                                           [test_rows[i]['group'] for i in grouped]),
+                  per_prompt_specialisation=per_prompt_specialisation(
+                      scores['logp'][:, grouped], [test_rows[i]['group'] for i in grouped],
+                      [test_rows[i]['prompt'] for i in grouped]),
                   argmax_specialisation=specialisation(members, groups),
                   routing=routing_matrix(scores['logp'][:, conflicting], alpha, groups) if groups else None,
                   auroc_conflict=safe_auroc(by_kind.get('conflicting', []), by_kind.get('consistent', [])),

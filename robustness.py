@@ -4,7 +4,8 @@ sets of conflict_sets.FAMILY x seeds x variants, each beside a single adapter
 (M = 1) trained on the same files, and one table of the measures that matter:
 
     soft_specialisation  I(group; member) / H(group) on held-out conflicting rows (target >= 0.5
-                         where groups conflict, <= 0.1 where they do not)
+                         where groups conflict, <= 0.1 where they do not); beside it the same within
+                         each prompt, averaged (per_prompt_specialisation: members may change sides)
     starved              members below 1/(4M) of the training responsibility (target 0)
     d_nll, d_acc         NLL per token and consistent accuracy minus the single adapter's (targets:
                          d_nll <= 0.05 for the sequence mixture the objective trains, d_acc >= -0.05);
@@ -97,6 +98,7 @@ def row(name, seed, variant, report, single):
         ('nll', d_nll <= 0.05), ('acc', d_acc >= -0.05),
         ('auroc', not has_conflict or (report['auroc_conflict'] or 0) >= 0.9)) if not ok]
     return dict(set=name, seed=seed, variant=variant, soft_specialisation=soft,
+                per_prompt_specialisation=report.get('per_prompt_specialisation'),
                 starved=len(report['starved_members']), nll=report['nll'], d_nll=d_nll,
                 nll_token_mixture=report['nll_token_mixture'], d_nll_token_mixture=d_nll_token,
                 accuracy_consistent=report['accuracy_consistent'], d_acc=d_acc,
@@ -106,12 +108,14 @@ def row(name, seed, variant, report, single):
 
 def table(rows):
     """Markdown: one line per run, and the targets it misses."""
-    lines = ['| set | variant | seed | soft_spec | starved | nll (Δ single) | nll token mixture (Δ single) | '
-             'acc_consistent (Δ single) | acc token mixture | auroc_conflict | misses |', '|---' * 11 + '|']
+    lines = ['| set | variant | seed | soft_spec | per-prompt spec | starved | nll (Δ single) | '
+             'nll token mixture (Δ single) | acc_consistent (Δ single) | acc token mixture | auroc_conflict | misses |',
+             '|---' * 12 + '|']
     for r in rows:
-        soft = '–' if r['soft_specialisation'] is None else f"{r['soft_specialisation']:.2f}"
+        soft, per_prompt = ('–' if r[key] is None else f"{r[key]:.2f}"
+                            for key in ('soft_specialisation', 'per_prompt_specialisation'))
         auroc = '–' if r['auroc_conflict'] is None else f"{r['auroc_conflict']:.2f}"
-        lines.append(f"| {r['set']} | {r['variant']} | {r['seed']} | {soft} | {r['starved']} | "
+        lines.append(f"| {r['set']} | {r['variant']} | {r['seed']} | {soft} | {per_prompt} | {r['starved']} | "
                      f"{r['nll']:.3f} ({r['d_nll']:+.3f}) | {r['nll_token_mixture']:.3f} ({r['d_nll_token_mixture']:+.3f}) | "
                      f"{r['accuracy_consistent']:.2f} ({r['d_acc']:+.2f}) | {r['accuracy_consistent_token_mixture']:.2f} | "
                      f"{auroc} | {', '.join(r['misses']) or 'none'} |")

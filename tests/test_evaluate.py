@@ -7,7 +7,7 @@ import torch
 
 import data
 import evaluate
-from evaluate import member_shares, score_batches, soft_specialisation, starved_members
+from evaluate import member_shares, per_prompt_specialisation, score_batches, soft_specialisation, starved_members
 from test_model import TINY, tiny_ensemble
 
 
@@ -46,6 +46,17 @@ def test_soft_specialisation_ends_and_a_slow_loop():
     groups = [rng.choice("xyz") for _ in range(20)]
     assert soft_specialisation(torch.tensor(logp), groups) == pytest.approx(slow_soft_specialisation(logp, groups),
                                                                             rel=1e-6)
+
+
+def test_per_prompt_specialisation_sees_splits_whose_sides_change_between_prompts():
+    """Prompt p: member 0 explains group a, member 1 group b; prompt q: the other way round."""
+    sure, never = 0.0, -1e4
+    logp = torch.tensor([[sure, never, never, sure, sure], [never, sure, sure, never, never]])
+    groups, prompts = ["a", "b", "a", "b", "a"], ["p", "p", "q", "q", "r"]     # r: one group only, skipped
+    assert per_prompt_specialisation(logp, groups, prompts) == pytest.approx(1.0, abs=1e-12)
+    assert soft_specialisation(logp[:, :4], groups[:4]) == pytest.approx(0.0, abs=1e-12)
+    assert per_prompt_specialisation(torch.zeros(2, 5), groups, prompts) == pytest.approx(0.0, abs=1e-12)
+    assert per_prompt_specialisation(logp[:, 4:], groups[4:], prompts[4:]) is None
 
 
 def test_member_shares_and_starved_members():

@@ -33,7 +33,7 @@ def test_table_has_a_line_per_run():
     rows = [robustness.row('long', 2, 'alpha_1', report(None, [], 0.4, 0.9, None), SINGLE)]
     lines = robustness.table(rows).splitlines()
     assert len(lines) == 3
-    assert lines[2].startswith('| long | alpha_1 | 2 | – | 0 | 0.400 (+0.000) | 0.900 (+0.000) | 0.90 (+0.00) | 0.80 | – |')
+    assert lines[2].startswith('| long | alpha_1 | 2 | – | – | 0 | 0.400 (+0.000) | 0.900 (+0.000) | 0.90 (+0.00) | 0.80 | – |')
 
 
 def test_unknown_set_or_variant_is_refused(tmp_path):
@@ -51,4 +51,4 @@ def test_train_false_tabulates_only_finished_runs(tmp_path, capsys):
         (path / 'report.json').write_text(json.dumps(values))
     robustness.main(['--sets=user_160,long', '--seeds=1337', '--train=false', f'--study_dir={tmp_path}'])
     lines = (tmp_path / 'table.md').read_text().splitlines()
-    assert len(lines) == 3 and lines[2].startswith('| user_160 | default | 1337 | 0.90 | 0 |')
+    assert len(lines) == 3 and lines[2].startswith('| user_160 | default | 1337 | 0.90 | – | 0 |')
