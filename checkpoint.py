@@ -85,13 +85,14 @@ def resume_from(ckpt_path, model, optimizer, config):
     return ckpt['iter'], ckpt['history']
 
 
-def load_ensemble(ckpt_path, device='cpu'):
+def load_ensemble(ckpt_path, device='cpu', base=None):
     """The base GPT carrying the adapters of a train_sft.py or train_dpo.py checkpoint: (model, tokenizer name,
-    the run's config). The base is the one the run's config names, checked against the stored fingerprint."""
+    the run's config). The base is `base`, by default the one the run's config names (a train_dpo.py config
+    names none: pass its SFT run's), checked against the stored fingerprint."""
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
     if ckpt['iter'] < ckpt['config']['max_iters']:
         print(f"warning: {ckpt_path} stopped at iter {ckpt['iter']} of {ckpt['config']['max_iters']}")
-    model, tokenizer_name = load_base(ckpt['config']['base'], device)
+    model, tokenizer_name = load_base(base or ckpt['config']['base'], device)
     lora = ckpt['lora_config']
     add_lora(model, lora['n_members'], lora['rank'], lora['lora_alpha'], lora['targets'], lora['layers'])
     model.load_state_dict(ckpt['adapters'], strict=False)  # the adapters alone; the base came from load_base

@@ -32,6 +32,7 @@ from evaluate import dpo_report, group_masks, pair_logprobs, reward_margins, sco
 from lora import lora_parameters
 from renyi_lora import alpha_at, check_alpha, dpo_logp, renyi_loss
 from trainer import train_loop
+from verdict import held_out_thresholds
 
 defaults = dict(
     # data: '' means the benchmark's preference pairs; otherwise JSONL files of {"prompt", "chosen", "rejected"}
@@ -58,6 +59,7 @@ defaults = dict(
     grad_clip=1.0,
     log_interval=20,
     eval_interval=75,
+    max_new_tokens=32,      # answer length when fitting sample.py's verdict thresholds (out_dir/verdict.json)
     seed=1337,
     device='cuda' if torch.cuda.is_available() else 'cpu',
 )
@@ -138,6 +140,9 @@ def train(config):
     report['train_seconds'] = round(train_seconds, 1)
     with open(os.path.join(config['out_dir'], 'report.json'), 'w') as f:
         json.dump(report, f, indent=2)
+    with open(os.path.join(config['out_dir'], 'verdict.json'), 'w') as f:   # sample.py's thresholds
+        json.dump(held_out_thresholds(model, tokenizer, val_rows, config['max_new_tokens'], config['batch_size']), f,
+                  indent=2)
     return model, tokenizer, report
 
 

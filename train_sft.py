@@ -11,7 +11,7 @@ Each step: one forward pass of all M members on a batch, the per-member sequence
 log-likelihoods logp (M, B), and the loss renyi_loss(logp, alpha) + prior_penalty
 (floored_renyi_loss when routing_floor > 0).
 At the end it evaluates the ensemble on held-out prompts and writes
-out_dir/report.json and PNG plots.
+out_dir/report.json and PNG plots, and sample.py's verdict thresholds to out_dir/verdict.json.
 """
 import json
 import os
@@ -28,6 +28,7 @@ from lora import add_lora, clone_member, load_adapters, lora_parameters
 from renyi_lora import (alpha_at, check_alpha, floored_renyi_loss, label_smoothed_nll, prior_penalty,
                         responsibilities, sequence_logprobs, ual_smoothing)
 from trainer import learning_rate, setup_distributed, train_loop
+from verdict import held_out_thresholds
 
 defaults = dict(
     # data: '' means the built-in benchmark (benchmark.py); otherwise JSONL files of {"prompt", "response"}
@@ -178,6 +179,9 @@ def train(config, lr_schedule=learning_rate, on_step=None):
     report['train_seconds'] = round(train_seconds, 1)
     with open(os.path.join(config['out_dir'], 'report.json'), 'w') as f:
         json.dump(report, f, indent=2)
+    with open(os.path.join(config['out_dir'], 'verdict.json'), 'w') as f:   # sample.py's thresholds
+        json.dump(held_out_thresholds(model, tokenizer, val_rows, config['max_new_tokens'], config['batch_size']), f,
+                  indent=2)
     return model, tokenizer, report, readouts
 
 

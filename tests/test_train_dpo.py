@@ -188,6 +188,8 @@ def test_tiny_run_learns_its_training_pairs_and_writes_report_and_plots(files, t
     assert set(saved["routing"]) == set(saved["ensemble_accuracy_by_group"]) == set(saved["accuracy_by_group"])
     assert all(sum(w) == pytest.approx(1.0) for w in saved["routing"].values())
     assert isinstance(saved["auroc_contested"], float) and saved["train_seconds"] >= 0
+    with open(tmp_path / "verdict.json") as f:                 # sample.py's thresholds, from the validation pairs' prompts
+        assert json.load(f)["n_prompts"] == dict(conflicting=len(CONTESTED), consistent=len(CONSENSUS))
     for name in ("margins", "routing"):
         with open(tmp_path / f"{name}.png", "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name

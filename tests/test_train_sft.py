@@ -137,6 +137,11 @@ def test_tiny_run_lowers_the_loss_and_writes_report_and_plots(files, tmp_path):
     # coherence checks the benchmark's two-field cards; a user's data has none, so it is not invented
     assert saved["coherence"] is None and saved["accuracy_high_entropy"] is None
     assert set(saved["routing"]) == {"a", "b"} and all(len(w) == 2 for w in saved["routing"].values())
+    with open(tmp_path / "verdict.json") as f:                 # sample.py's thresholds, from the validation prompts
+        thresholds = json.load(f)
+    val_rows = load_rows(config)[1]
+    assert thresholds["n_prompts"] == {kind: len({r["prompt"] for r in val_rows if r["kind"] == kind})
+                                       for kind in ("conflicting", "consistent")}
     assert 0.0 <= saved["soft_specialisation"] <= 1.0
     # the training rows' share of the responsibility, recomputed one row at a time
     model.eval()
