@@ -82,6 +82,7 @@ def answer_batch(model, tokenizer, idx, max_new_tokens, temperature, top_k, gene
       weights (M, B)     posterior_weights of log p_m(ensemble's answer | x): the members that back it
       epistemic (B,)     mutual information per token along the ensemble's answer, equal member weights
       confidence (B,)    mean_m of log p_m(member m's own answer | x) per token
+    and, per prompt, the distinct member answers (distinct_answers) and their disagreement.
     """
     stop, (B, T) = tokenizer.eot_token, idx.shape
     new = min(max_new_tokens, model.config.block_size - T)
