@@ -13,7 +13,7 @@ sets of conflict_sets.FAMILY x seeds x variants, each beside a single adapter
     auroc_conflict       epistemic uncertainty separating conflicting from consistent prompts (>= 0.9)
 
     python robustness.py                                   # every set, seeds 1337, 1, 2, variant 'default'
-    python robustness.py --sets=user_160,long --seeds=1337 --variants=default,alpha_1
+    python robustness.py --sets=user_160,long --seeds=1337 --variants=default,ramp,alpha_1
     python robustness.py --max_iters=200                   # any train_sft.py key applies to every run
     python robustness.py --train=false                     # the table of the runs that have finished
 
@@ -31,14 +31,13 @@ from config import parse_args
 
 # Each variant is a set of train_sft.py overrides; 'single' is the reference every variant is compared with.
 VARIANTS = {
-    'default': {},
+    'default': {},                            # train_sft.py's defaults: alpha 2, held at 0 for 125 iters, then ramped
+    'ramp': dict(alpha_hold_iters=0),         # the default before this study: ramped from the first iter
     'single': dict(n_members=1),
     'alpha_1': dict(alpha=1.0),
     'alpha_0': dict(alpha=0.0),
     'floor': dict(routing_floor=0.1),
     'revive': dict(revive_interval=50),
-    'hold': dict(alpha_hold_iters=125),
-    'hold_floor': dict(alpha_hold_iters=125, routing_floor=0.1),
 }
 STUDY = dict(sets='all', seeds='1337,1,2', variants='default', study_dir='out/robustness',
              train=True)  # --train=false: only tabulate the runs that have finished

@@ -44,8 +44,9 @@ defaults = dict(
     n_members=4,
     alpha=2.0,              # 0: variational Bayes (every member fits everything); 1: predictive mixture;
                             # > 1 leans to winner-takes-all. why 2: RESULTS.md §3.3
-    alpha_ramp_iters=250,   # raise alpha linearly from 0 over these first iters (0: no ramp), renyi_lora.alpha_at
-    alpha_hold_iters=0,     # ... keeping it at 0 for the first of them
+    alpha_ramp_iters=250,   # reach alpha at this iter (0: from the first step), renyi_lora.alpha_at ...
+    alpha_hold_iters=125,   # ... rising linearly from 0 after holding it at 0 for these first iters, so that every
+                            # member fits every example before routing sharpens. why: RESULTS.md §9
     lora_rank=8,
     lora_alpha=16.0,        # LoRA scaling is lora_alpha / lora_rank
     sigma_p=1.0,            # prior N(0, sigma_p^2) on the LoRA parameters

@@ -24,7 +24,8 @@ def run(tmp_path_factory, tiny_base):
     """One tiny comparison on the benchmark, shared by the tests: (config, rows, compare_dir)."""
     root = tmp_path_factory.mktemp("compare")
     config = compare.defaults | dict(
-        base=tiny_base, compare_dir=str(root / "out"), n_members=2, lora_rank=2, max_iters=8,
+        base=tiny_base, compare_dir=str(root / "out"), n_members=2, lora_rank=2, max_iters=8, alpha_hold_iters=2,
+        alpha_ramp_iters=4,
         batch_size=8, learning_rate=1e-2, warmup_iters=2, log_interval=8, eval_interval=8, swag_fraction=0.5,
         swag_every=1, swag_rank=3, swag_samples=4, samples_per_prompt=2, max_new_tokens=3, device="cpu", seed=0)
     rows = compare.compare(config)

@@ -67,7 +67,8 @@ def files(tmp_path_factory, tiny_base):
 def tiny_config(files, out_dir, **overrides):
     return train_sft.defaults | dict(
         base=files["base"], data=files["grouped"], ood_data=files["ood"], out_dir=str(out_dir), val_fraction=0.5,
-        n_members=2, lora_rank=4, max_iters=20, batch_size=8, learning_rate=1e-2, warmup_iters=2,
+        n_members=2, lora_rank=4, max_iters=20, alpha_hold_iters=5, alpha_ramp_iters=10, batch_size=8,
+        learning_rate=1e-2, warmup_iters=2,
         log_interval=5, eval_interval=10, n_samples=1, max_new_tokens=4, seed=0, device="cpu") | overrides
 
 
