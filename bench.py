@@ -20,13 +20,12 @@ FLOPs (counted by torch's FlopCounterMode) per second over a matmul peak measure
 import copy
 import os
 import statistics
-import sys
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from config import parse_args
+from config import parse_args, run_script
 from lora import add_lora, merge_member
 from model import GPT, GPTConfig
 from renyi_lora import renyi_loss, sequence_logprobs
@@ -188,7 +187,7 @@ def print_profile(step, n_rows=12):
     print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=n_rows))
 
 
-def main(argv=None):
+def main(argv):
     config = parse_args(defaults, argv)
     if config['n_threads']:
         torch.set_num_threads(config['n_threads'])
@@ -259,4 +258,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    run_script(main)

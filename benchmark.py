@@ -30,11 +30,10 @@ import math
 import os
 import random
 import re
-import sys
 from dataclasses import dataclass
 
 import data
-from config import parse_args
+from config import parse_args, run_script
 
 # -----------------------------------------------------------------------------
 # the world: fixed facts, shared by the pretraining text and the benchmark
@@ -420,8 +419,9 @@ DEFAULTS = dict(
     consensus_rejected="parrot",  # consensus pairs' rejected answer: "parrot" or "wrong_answer" (preference_rows)
 )
 
-if __name__ == "__main__":
-    config = parse_args(DEFAULTS, sys.argv[1:])
+
+def main(argv):
+    config = parse_args(DEFAULTS, argv)
     if config["train_tokenizer"]:
         data.save_ranks(data.train_bpe(pretrain_text(seed=0)), data.RANKS_PATH)
         print(f"wrote {data.RANKS_PATH}")
@@ -431,3 +431,7 @@ if __name__ == "__main__":
     with open(os.path.join(config["out_dir"], "pretrain.txt"), "w", encoding="utf-8") as f:
         f.write(pretrain_text(config["seed"]))
     print(f"wrote {config['out_dir']}/")
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -20,7 +20,6 @@ all nine reports, table.md the table.
 """
 import json
 import os
-import sys
 import time
 
 import torch
@@ -29,7 +28,7 @@ import data
 import plots
 import train_sft
 from checkpoint import load_base
-from config import parse_args
+from config import parse_args, run_script
 from evaluate import calibration, markdown_table, sft_report
 from lora import add_lora
 from swag import SWAGCollector, sample_members, swag_learning_rate
@@ -135,7 +134,7 @@ def compare(config):
     return rows
 
 
-def main(argv=None):
+def main(argv):
     config = parse_args(defaults, argv)
     start = time.time()
     rows = compare(config)
@@ -144,4 +143,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    run_script(main)

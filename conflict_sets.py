@@ -39,11 +39,10 @@ import itertools
 import math
 import os
 import random
-import sys
 
 import data
 from benchmark import ALL, ANIMALS, COUNTRIES, MAX_ANSWERS, NUMBER_WORDS, parity
-from config import parse_args
+from config import UserError, parse_args, run_script
 
 CONVENTIONS = ("global", "per_prompt", "shared")
 TEST_FRACTION = 0.22   # share of each task's distinct prompts held out
@@ -226,7 +225,7 @@ def main(argv):
     config = parse_args(DEFAULTS, argv)
     names = list(FAMILY) if config["name"] == "all" else [config["name"]]
     if names[0] not in FAMILY:
-        raise ValueError(f"name={config['name']!r}: must be 'all' or one of {', '.join(FAMILY)}")
+        raise UserError(f"name={config['name']!r}: must be 'all' or one of {', '.join(FAMILY)}")
     for name in names:
         rows = make_conflict_set(**FAMILY[name], seed=config["seed"])
         for split in ("train", "test"):
@@ -235,4 +234,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

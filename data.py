@@ -15,6 +15,8 @@ from collections import Counter
 import tiktoken
 import torch
 
+from config import UserError
+
 # -----------------------------------------------------------------------------
 # tokenizer
 
@@ -85,11 +87,11 @@ def get_tokenizer(name=DEFAULT_TOKENIZER):
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as error:  # tiktoken downloads the GPT-2 files on first use
-            raise RuntimeError(f"tokenizer=gpt2: tiktoken could not load its GPT-2 files ({type(error).__name__}); "
-                               "they are downloaded on first use, so offline put them in TIKTOKEN_CACHE_DIR "
-                               f"or use tokenizer={DEFAULT_TOKENIZER}") from None
+            raise UserError(f"--tokenizer=gpt2: tiktoken could not load its GPT-2 files ({type(error).__name__}); it "
+                            "downloads them on first use, so offline set TIKTOKEN_CACHE_DIR to a directory filled by "
+                            "tiktoken.get_encoding('gpt2') on a machine online, under the same variable") from None
     if name != DEFAULT_TOKENIZER:
-        raise ValueError(f"unknown tokenizer {name!r}: expected {DEFAULT_TOKENIZER!r} or 'gpt2'")
+        raise UserError(f"--tokenizer={name}: unknown; expected {DEFAULT_TOKENIZER} or gpt2")
     ranks = load_ranks(RANKS_PATH)
     return tiktoken.Encoding(name=name, pat_str=PATTERN, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
 
@@ -106,23 +108,30 @@ def write_jsonl(rows, path):
 
 
 def read_jsonl(path):
-    """Yield ("FILE:LINE", object) for every non-blank line; ValueError "FILE:LINE: ..." on bad JSON or an empty file."""
+    """Yield ("FILE:LINE", object) for every non-blank line; UserError "FILE:LINE: ..." on a missing file, bad
+    UTF-8 or JSON, or an empty file."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: expected a JSONL file, one JSON object per line")
     n_rows = 0
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, 1):
+            where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{where}: not UTF-8 text") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+                raise UserError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             n_rows += 1
             yield where, obj
     if n_rows == 0:
-        raise ValueError(f"{path}:1: empty file: expected one JSON object per line")
+        raise UserError(f"{path}:1: empty file: expected one JSON object per line")
 
 
 def check_text(obj, key, where, required):
@@ -131,11 +140,11 @@ def check_text(obj, key, where, required):
     if value is None and not required:
         return None
     if value is None:
-        raise ValueError(f"{where}: missing required field {key!r}")
+        raise UserError(f"{where}: missing required field {key!r}")
     if not isinstance(value, str):
-        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+        raise UserError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise ValueError(f"{where}: field {key!r} is empty")
+        raise UserError(f"{where}: field {key!r} is empty")
     return value
 
 
@@ -145,9 +154,9 @@ def check_uncertainty(obj, where):
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{where}: field 'uncertainty' must be a number, got {type(value).__name__}")
+        raise UserError(f"{where}: field 'uncertainty' must be a number, got {type(value).__name__}")
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{where}: field 'uncertainty' is {value}, outside [0, 1]")
+        raise UserError(f"{where}: field 'uncertainty' is {value}, outside [0, 1]")
     return float(value)
 
 
@@ -156,7 +165,7 @@ def load_sft_jsonl(path):
 
     Returns dicts with keys prompt, response, task, group, uncertainty (None when
     absent) and source ("FILE:LINE", used by later error messages). Raises
-    ValueError "FILE:LINE: ..." on the first bad row.
+    UserError "FILE:LINE: ..." on the first bad row.
     """
     rows = []
     for where, obj in read_jsonl(path):
@@ -173,7 +182,7 @@ def load_pref_jsonl(path):
     """Load preference rows {"prompt", "chosen", "rejected"} with optional "task", "group".
 
     Returns dicts with keys prompt, chosen, rejected, task, group (None when
-    absent) and source; raises ValueError "FILE:LINE: ..." on the first bad row.
+    absent) and source; raises UserError "FILE:LINE: ..." on the first bad row.
     """
     rows = []
     for where, obj in read_jsonl(path):
@@ -181,7 +190,7 @@ def load_pref_jsonl(path):
                    rejected=check_text(obj, "rejected", where, True), task=check_text(obj, "task", where, False),
                    group=check_text(obj, "group", where, False), source=where)
         if row["chosen"] == row["rejected"]:
-            raise ValueError(f"{where}: 'chosen' and 'rejected' are identical")
+            raise UserError(f"{where}: 'chosen' and 'rejected' are identical")
         rows.append(row)
     return rows
 
@@ -240,6 +249,8 @@ def load_sft_rows(path, val_path="", ood_path="", val_fraction=0.1, seed=0):
     or without it a seeded share val_fraction of path's prompts (validation and test are then
     the same rows). Each row's kind is read from the data (mark_conflicts).
     """
+    if not path and (val_path or ood_path):
+        raise UserError(f"--{'val_data' if val_path else 'ood_data'} needs --data: the benchmark brings its own")
     if not path:
         import benchmark  # here, not at the top: benchmark.py builds on this module
         splits = benchmark.make_benchmark(seed=0)
@@ -254,6 +265,8 @@ def load_pref_rows(path, val_path="", val_fraction=0.1, seed=0):
 
     As load_sft_rows: path '' is the benchmark's pairs; each pair's kind is read from the data (mark_contested).
     """
+    if not path and val_path:
+        raise UserError("--val_data needs --data: the benchmark brings its own")
     if not path:
         import benchmark  # here, not at the top: benchmark.py builds on this module
         splits = benchmark.make_benchmark(seed=0)
@@ -270,16 +283,16 @@ def encode_pair(tokenizer, prompt, response, block_size, truncate, where):
 
     The leading EOT marks a document start, as between pretraining documents;
     the final EOT is trained on, so generation learns where to stop. Too long
-    for block_size: ValueError naming `where`, or with truncate the prompt
+    for block_size: UserError naming `where`, or with truncate the prompt
     loses tokens from its start, then the response from its end.
     """
     prompt_ids = tokenizer.encode_ordinary(prompt)
     response_ids = tokenizer.encode_ordinary(response) + [tokenizer.eot_token]
     excess = 1 + len(prompt_ids) + len(response_ids) - block_size
     if excess > 0 and not truncate:
-        raise ValueError(f"{where}: {1 + len(prompt_ids) + len(response_ids)} tokens (prompt {len(prompt_ids)}, "
+        raise UserError(f"{where}: {1 + len(prompt_ids) + len(response_ids)} tokens (prompt {len(prompt_ids)}, "
                          f"response {len(response_ids) - 1}, 2 end-of-text) exceed block_size {block_size}; "
-                         "shorten the row or pass truncate=True")
+                         "shorten the row or pass --truncate=true")
     if excess > 0:
         cut = min(excess, len(prompt_ids) - 1)  # keep at least the prompt's last token
         prompt_ids = prompt_ids[cut:]

@@ -226,16 +226,26 @@ class GPT(nn.Module):
         model.safetensors. Conv1D weights, stored (in, out), are transposed into
         nn.Linear's (out, in); the attn.bias / attn.masked_bias buffers are skipped.
         """
-        config_file = os.path.join(path, 'config.json')
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"{config_file} not found: expected a Hugging Face GPT-2 directory")
-        with open(config_file) as f:
-            hf = json.load(f)
-        config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
-                           n_head=hf['n_head'], n_embd=hf['n_embd'], dropout=0.0, bias=True)
-        model = cls(config)
+        model = cls(hf_config(path))
         model.load_state_dict(_hf_to_state_dict(_read_hf_weights(path), model.state_dict()))
         return model
+
+
+def hf_config(path):
+    """The GPTConfig of a Hugging Face GPT-2 directory, read from its config.json (dropout 0, biases on)."""
+    config_file = os.path.join(path, 'config.json')
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{config_file} not found: expected a Hugging Face GPT-2 directory")
+    with open(config_file) as f:
+        try:
+            hf = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_file}:{error.lineno}: invalid JSON ({error.msg})") from None
+    missing = [key for key in ('n_positions', 'vocab_size', 'n_layer', 'n_head', 'n_embd') if key not in hf]
+    if missing:
+        raise ValueError(f"{config_file} has no {missing[0]!r}: expected a GPT-2 config")
+    return GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
+                     n_head=hf['n_head'], n_embd=hf['n_embd'], dropout=0.0, bias=True)
 
 
 def _read_hf_weights(path):

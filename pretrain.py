@@ -11,7 +11,7 @@ model config, the weights, the tokenizer name and the validation loss reached.
 """
 
 import dataclasses
-import sys
+import os
 import time
 
 import torch
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 import benchmark
 import data
 from checkpoint import save_atomically
-from config import parse_args
+from config import UserError, parse_args, run_script
 from model import GPT, GPTConfig
-from trainer import format_seconds, train_loop
+from trainer import check_settings, format_seconds, train_loop
 
 defaults = dict(
     data='',                # '' is the benchmark world's text (benchmark.pretrain_text); else a UTF-8 text file
@@ -57,15 +57,20 @@ defaults = dict(
 def load_tokens(config, tokenizer):
     """The token stream of the training text, split into train and validation parts (1-D LongTensors)."""
     if config['data']:
-        with open(config['data'], encoding='utf-8') as f:
-            text = f.read()
+        if not os.path.isfile(config['data']):
+            raise UserError(f"--data={config['data']} not found: expected a UTF-8 text file")
+        try:
+            with open(config['data'], encoding='utf-8') as f:
+                text = f.read()
+        except UnicodeDecodeError as error:
+            raise UserError(f"--data={config['data']}: not UTF-8 text (byte {error.start})") from None
     else:
         text = benchmark.pretrain_text(seed=0)
     # <|endoftext|> in the text separates documents, as in GPT-2's training data
     tokens = torch.tensor(tokenizer.encode(text, allowed_special={data.EOT}), dtype=torch.long)
     n_val = int(len(tokens) * config['val_fraction'])
     if len(tokens) - n_val <= config['block_size'] or n_val <= config['block_size']:
-        raise ValueError(f"{config['data'] or 'pretraining text'}: {len(tokens)} tokens is too short for "
+        raise UserError(f"{config['data'] or 'pretraining text'}: {len(tokens)} tokens is too short for "
                          f"block_size {config['block_size']} with val_fraction {config['val_fraction']}")
     return tokens[:-n_val], tokens[-n_val:]
 
@@ -112,16 +117,23 @@ def make_optimizer(model, config):
     return torch.optim.AdamW(groups, lr=config['learning_rate'], betas=(config['beta1'], config['beta2']))
 
 
+def model_config(config, vocab_size):
+    """The GPTConfig of the base that `config` pretrains, for a tokenizer of vocab_size tokens."""
+    return GPTConfig(block_size=config['block_size'], vocab_size=vocab_size, n_layer=config['n_layer'],
+                     n_head=config['n_head'], n_embd=config['n_embd'], dropout=config['dropout'], bias=config['bias'])
+
+
 def pretrain(config):
     """Train a GPT from scratch per config, save it to config['out_path'] and return the checkpoint dict."""
     t_start = time.time()
+    check_settings(config, positive=('n_layer', 'n_head', 'n_embd', 'block_size', 'eval_iters'))
     torch.manual_seed(config['seed'])
     tokenizer = data.get_tokenizer(config['tokenizer'])
     train_tokens, val_tokens = load_tokens(config, tokenizer)
-    model_config = GPTConfig(block_size=config['block_size'], vocab_size=tokenizer.n_vocab,
-                             n_layer=config['n_layer'], n_head=config['n_head'], n_embd=config['n_embd'],
-                             dropout=config['dropout'], bias=config['bias'])
-    model = GPT(model_config).to(config['device'])
+    if config['n_embd'] % config['n_head']:
+        raise UserError(f"--n_embd={config['n_embd']} must be a multiple of --n_head={config['n_head']}")
+    base_config = model_config(config, tokenizer.n_vocab)
+    model = GPT(base_config).to(config['device'])
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config['seed'])
     n_params = sum(p.numel() for p in model.parameters())
@@ -136,12 +148,16 @@ def pretrain(config):
     train_loop(model, list(model.parameters()), optimizer, windows, batch_loss, config, history=dict(iter=[], loss=[]))
 
     val_loss = estimate_loss(model, val_tokens, config)
-    checkpoint = dict(config=dataclasses.asdict(model_config), model=model.state_dict(),
+    checkpoint = dict(config=dataclasses.asdict(base_config), model=model.state_dict(),
                       tokenizer=config['tokenizer'], val_loss=val_loss, pretrain_config=config)
     save_atomically(checkpoint, config['out_path'])
     print(f"val loss {val_loss:.4f}; saved {config['out_path']} after {format_seconds(time.time() - t_start)}")
     return checkpoint
 
 
+def main(argv):
+    pretrain(parse_args(defaults, argv))
+
+
 if __name__ == '__main__':
-    pretrain(parse_args(defaults, sys.argv[1:]))
+    run_script(main)

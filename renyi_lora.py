@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from config import UserError
+
 
 def sequence_logprobs(logits, labels, length_normalize=False):
     """Summed log p(response | prompt) per member and example.
@@ -226,9 +228,10 @@ def prior_penalty(lora_params, n_train, n_members, sigma_p=1.0, weight=1.0):
 
 
 def check_alpha(alpha):
+    """alpha as a float; UserError unless it is finite and >= 0."""
     alpha = float(alpha)
     if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+        raise UserError(f"alpha must be a finite number >= 0, got {alpha}")
     return alpha
 
 

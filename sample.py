@@ -12,7 +12,7 @@ In --prompt and in a plain prompts file, \n (backslash, n) stands for a newline,
 benchmark's two-line prompts fit on one command line; write \\ for a backslash. The verdict's
 thresholds come from the run's validation prompts (out_dir/verdict.json, written at the end of
 training; for an older run they are fitted here once and saved). A mistake in the input ends
-with one line `error: ...` and exit status 2.
+with one line `error: ...` and exit status 2 (config.UserError).
 """
 import contextlib
 import json
@@ -24,7 +24,7 @@ import torch
 
 import data
 from checkpoint import load_ensemble
-from config import parse_args
+from config import UserError, check_device, parse_args, run_script
 from verdict import answer_prompts, answers_by_kind, held_out_thresholds, verdict, verdict_shares
 
 defaults = dict(
@@ -43,12 +43,6 @@ defaults = dict(
 )
 
 
-def fail(message):
-    """A mistake in the input: one line `error: ...` on stderr and exit status 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def unescape(text):
     r"""A prompt as typed: '\n' (backslash, n) is a newline, '\\' a backslash."""
     return re.sub(r'\\([\\n])', lambda match: '\n' if match.group(1) == 'n' else '\\', text)
@@ -57,69 +51,45 @@ def unescape(text):
 def read_prompts(config):
     """The prompts of --prompt or --prompts_file (one per non-blank line, or .jsonl objects with "prompt")."""
     if (config['prompt'] is None) == (not config['prompts_file']):
-        fail("give either --prompt=... or --prompts_file=FILE (or --held_out=true)")
+        raise UserError("give either --prompt=... or --prompts_file=FILE (or --held_out=true)")
     if config['prompt'] is not None:
         prompts = [unescape(config['prompt'])]
     elif not os.path.isfile(config['prompts_file']):
-        fail(f"prompts file {config['prompts_file']} not found")
+        raise UserError(f"prompts file {config['prompts_file']} not found")
     elif config['prompts_file'].endswith('.jsonl'):
-        try:
-            prompts = [data.check_text(obj, 'prompt', where, True) for where, obj in data.read_jsonl(config['prompts_file'])]
-        except ValueError as error:
-            fail(str(error))
+        prompts = [data.check_text(obj, 'prompt', where, True)
+                   for where, obj in data.read_jsonl(config['prompts_file'])]
     else:
         with open(config['prompts_file'], encoding='utf-8') as f:
             prompts = [unescape(line.rstrip('\n')) for line in f if line.strip()]
         if not prompts:
-            fail(f"prompts file {config['prompts_file']} has no prompts")
+            raise UserError(f"prompts file {config['prompts_file']} has no prompts")
     if any(not prompt.strip() for prompt in prompts):
-        fail("the prompt is empty")
+        raise UserError("the prompt is empty")
     return prompts
 
 
 def check_settings(config):
     """Settings that cannot work fail before anything is loaded."""
+    check_device(config['device'])
     if config['temperature'] < 0 or config['top_k'] < 0 or config['max_new_tokens'] < 1 or config['num_samples'] < 1:
-        fail("temperature and top_k must be >= 0, max_new_tokens and num_samples >= 1")
+        raise UserError("temperature and top_k must be >= 0, max_new_tokens and num_samples >= 1")
     if config['held_out'] and (config['prompt'] is not None or config['prompts_file']):
-        fail("--held_out=true answers the run's own test prompts: drop --prompt and --prompts_file")
+        raise UserError("--held_out=true answers the run's own test prompts: drop --prompt and --prompts_file")
     if config['num_samples'] > 1 and config['temperature'] == 0:
-        fail("greedy decoding (temperature=0) gives the same answer every time: give --temperature > 0 "
-             "for num_samples > 1")
+        raise UserError("greedy decoding (temperature=0) gives the same answer every time: give --temperature > 0 "
+                        "for num_samples > 1")
 
 
 def load_run(out_dir, device):
     """(model, tokenizer, the run's config) of a train_sft.py or train_dpo.py output directory."""
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.isdir(out_dir):
-        fail(f"{out_dir} is not a directory: expected the output directory of train_sft.py or train_dpo.py")
-    if not os.path.isfile(ckpt_path):
-        fail(f"{out_dir} has no ckpt.pt: expected the output directory of train_sft.py or train_dpo.py")
-    ckpt = read_checkpoint(ckpt_path)
-    base = ckpt['config'].get('base')
-    if base is None:  # a train_dpo.py run: its adapters sit on its SFT run's base
-        base = read_checkpoint(os.path.join(ckpt['config'].get('sft_dir', ''), 'ckpt.pt'))['config'].get('base')
-    if not base or not os.path.isfile(base):
-        fail(f"the base model {base} that {ckpt_path} was trained on is missing")
-    try:
-        with contextlib.redirect_stdout(sys.stderr):   # its warnings must not mix with --json lines
-            model, tokenizer_name, run_config = load_ensemble(ckpt_path, 'cpu', base)
-    except ValueError as error:                        # adapters trained on another base
-        fail(str(error))
+        raise UserError(f"{out_dir} is not a directory: expected the output directory of train_sft.py or train_dpo.py")
+    if not os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
+        raise UserError(f"{out_dir} has no ckpt.pt: expected the output directory of train_sft.py or train_dpo.py")
+    with contextlib.redirect_stdout(sys.stderr):   # its warnings must not mix with --json lines
+        model, tokenizer_name, run_config = load_ensemble(os.path.join(out_dir, 'ckpt.pt'), 'cpu')
     return model.to(device), data.get_tokenizer(tokenizer_name), run_config
-
-
-def read_checkpoint(path):
-    """A train_sft.py or train_dpo.py checkpoint (a dict with adapters, lora_config and config), or fail."""
-    if not os.path.isfile(path):
-        fail(f"{path} not found")
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as error:  # not a file torch.save wrote
-        fail(f"{path} is not a checkpoint torch can read ({type(error).__name__})")
-    if not (isinstance(ckpt, dict) and {'adapters', 'lora_config', 'config'} <= ckpt.keys()):
-        fail(f"{path} is not a checkpoint of train_sft.py or train_dpo.py (it holds no adapters)")
-    return ckpt
 
 
 def check_lengths(prompts, tokenizer, block_size):
@@ -127,8 +97,8 @@ def check_lengths(prompts, tokenizer, block_size):
     for number, prompt in enumerate(prompts, 1):
         n_tokens = 1 + len(tokenizer.encode_ordinary(prompt))
         if n_tokens >= block_size:
-            fail(f"prompt {number} is {n_tokens} tokens with its leading end-of-text token; the model's "
-                 f"block_size of {block_size} leaves no room for an answer")
+            raise UserError(f"prompt {number} is {n_tokens} tokens with its leading end-of-text token; the model's "
+                            f"block_size of {block_size} leaves no room for an answer")
 
 
 def run_rows(config):
@@ -141,7 +111,7 @@ def run_rows(config):
         _, val_rows, test_rows, ood_rows = data.load_sft_rows(config['data'], config['val_data'], config['ood_data'],
                                                               config['val_fraction'], config['seed'])
     except (OSError, ValueError) as error:
-        fail(f"the run's held-out prompts cannot be read again: {error}")
+        raise UserError(f"the run's held-out prompts cannot be read again: {error}") from None
     return val_rows, test_rows + ood_rows
 
 
@@ -212,11 +182,8 @@ def print_held_out(out_dir, by_kind, thresholds, as_json):
               f"{share['unfamiliar']:>10.3f}")
 
 
-def main(argv=None):
-    try:
-        config = parse_args(defaults, argv)
-    except ValueError as error:
-        fail(str(error))
+def main(argv):
+    config = parse_args(defaults, argv)
     check_settings(config)
     prompts = None if config['held_out'] else read_prompts(config)
     model, tokenizer, run_config = load_run(config['out_dir'], config['device'])
@@ -243,4 +210,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_script(main)

@@ -10,14 +10,19 @@ Each run writes its own out_dir (out/sweep/alpha_<α>, out/sweep/single) with
 report.json and plots; the table goes to out/sweep/table.md.
 """
 import os
-import sys
 
 import train_sft
-from config import parse_args
+from config import UserError, parse_args, run_script
 from evaluate import markdown_table
 
 COLUMNS = ('argmax_specialisation', 'auroc_conflict', 'auroc_ood', 'accuracy_consistent', 'coherence', 'nll', 'ece',
            'train_seconds')
+
+
+defaults = train_sft.defaults | dict(
+    alphas='0,0.25,0.5,1,2',    # one run per alpha, and one single adapter (M=1)
+    sweep_dir='out/sweep',      # each run in sweep_dir/<name>, the table in sweep_dir/table.md
+)
 
 
 def runs(alphas, n_members):
@@ -28,21 +33,23 @@ def runs(alphas, n_members):
 
 
 def main(argv):
-    sweep_keys = [a for a in argv if a.startswith(('--alphas=', '--sweep_dir='))]
-    sweep = parse_args(dict(alphas='0,0.25,0.5,1,2', sweep_dir='out/sweep'), sweep_keys)
-    config = parse_args(train_sft.defaults, [a for a in argv if a not in sweep_keys])
+    config = parse_args(defaults, argv)
+    try:
+        alphas = [float(alpha) for alpha in config['alphas'].split(',')]
+    except ValueError:
+        raise UserError(f"--alphas={config['alphas']}: expected numbers separated by commas") from None
     rows = []
-    for name, overrides in runs([float(a) for a in sweep['alphas'].split(',')], config['n_members']):
-        run_config = config | overrides | dict(out_dir=os.path.join(sweep['sweep_dir'], name))
+    for name, overrides in runs(alphas, config['n_members']):
+        run_config = config | overrides | dict(out_dir=os.path.join(config['sweep_dir'], name))
         print(f"== {name}: alpha={run_config['alpha']}, n_members={run_config['n_members']}")
         _, _, report, _ = train_sft.train(run_config)
         label = f"M={run_config['n_members']}, α={run_config['alpha']:g}" if name != 'single' else 'M=1 (one adapter)'
         rows.append((label, report))
     text = markdown_table(rows, COLUMNS)
-    with open(os.path.join(sweep['sweep_dir'], 'table.md'), 'w') as f:
+    with open(os.path.join(config['sweep_dir'], 'table.md'), 'w') as f:
         f.write(text + '\n')
     print(text)
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    run_script(main)

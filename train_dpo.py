@@ -25,13 +25,12 @@ import torch
 
 import data
 import plots
-import train_sft
-from checkpoint import load_base, load_ensemble, resume_from
-from config import parse_args
+from checkpoint import load_base, load_ensemble, read_resume, resume_from, run_base
+from config import UserError, parse_args, run_script
 from evaluate import dpo_report, group_masks, pair_logprobs, reward_margins, score_pairs
 from lora import lora_parameters
 from renyi_lora import alpha_at, check_alpha, dpo_logp, renyi_loss
-from trainer import train_loop
+from trainer import check_settings, train_loop
 from verdict import held_out_thresholds
 
 defaults = dict(
@@ -40,7 +39,7 @@ defaults = dict(
     val_data='',            # held-out pairs; '' holds out a seeded share of the training prompts
     val_fraction=0.1,       # share of prompts held out when --data is given without --val_data
     truncate=False,         # pairs longer than the base's block_size: error (False) or cut the prompt's start
-    sft_dir='out/sft',      # the train_sft.py run to start from (its ckpt.pt); trained with its defaults when missing
+    sft_dir='out/sft',      # the train_sft.py run to start from (its ckpt.pt): `python train_sft.py --out_dir=...`
     reference='sft',        # 'sft': member m's reference is its own frozen SFT adapter; 'base': the bare base model
     out_dir='out/dpo',
     resume=False,           # continue from out_dir/ckpt.pt
@@ -66,11 +65,12 @@ defaults = dict(
 
 
 def load_sft(config):
-    """The base GPT carrying the SFT run's adapters; trains the SFT run first when its ckpt.pt is missing."""
+    """The base GPT carrying the SFT run's adapters: (model, tokenizer name, the SFT run's config); UserError
+    when sft_dir holds no SFT run."""
     ckpt_path = os.path.join(config['sft_dir'], 'ckpt.pt')
-    if not os.path.exists(ckpt_path):
-        print(f"{ckpt_path} not found: training the SFT ensemble first")
-        train_sft.train(train_sft.defaults | dict(out_dir=config['sft_dir'], device=config['device']))
+    if not os.path.isfile(ckpt_path):
+        raise UserError(f"--sft_dir={config['sft_dir']}: {ckpt_path} not found; train the SFT ensemble first, "
+                        f"with `python train_sft.py --out_dir={config['sft_dir']}`")
     return load_ensemble(ckpt_path, config['device'])
 
 
@@ -79,24 +79,29 @@ def load_reference(model, sft_config, config):
     if config['reference'] == 'sft':
         reference = copy.deepcopy(model)
     else:
-        reference, _ = load_base(sft_config['base'], config['device'])
+        base, tokenizer = run_base(sft_config)
+        reference, _ = load_base(base, config['device'], tokenizer)
     return reference.requires_grad_(False).eval()
 
 
 def train(config):
     """DPO-train the SFT run's ensemble per config; returns (model, tokenizer, report dict)."""
+    check_settings(config, positive=('beta',))
     check_alpha(config['alpha'])
     if config['reference'] not in ('sft', 'base'):
-        raise ValueError(f"reference must be 'sft' or 'base', got {config['reference']!r}")
+        raise UserError(f"reference must be 'sft' or 'base', got {config['reference']!r}")
     torch.manual_seed(config['seed'])
     device = config['device']
     train_rows, val_rows, test_rows = data.load_pref_rows(config['data'], config['val_data'], config['val_fraction'],
                                                           config['seed'])
     model, tokenizer_name, sft_config = load_sft(config)
+    lora = model.lora_config
+    resume = (read_resume(config['out_dir'], lora['n_members'], lora['rank'], lora['lora_alpha'])
+              if config['resume'] else None)
     tokenizer = data.get_tokenizer(tokenizer_name)
     encoded = {name: data.encode_pref(rows, tokenizer, model.config.block_size, truncate=config['truncate'])
                for name, rows in (('train', train_rows), ('val', val_rows), ('test', test_rows))}
-    model.to(device)
+    model.to(device)   # every input is checked: from here on the work is expensive
     reference = load_reference(model, sft_config, config).to(device)
     reference_logps = {name: score_pairs(reference, pairs, tokenizer.eot_token, config['batch_size'])
                        for name, pairs in encoded.items()}                     # {split: (chosen, rejected)}
@@ -106,8 +111,8 @@ def train(config):
     optimizer = torch.optim.AdamW(params, lr=config['learning_rate'], weight_decay=config['weight_decay'])
     start, history = 0, dict(iter=[], loss=[], val_iter=[], val_loss=[])
     ckpt_path = os.path.join(config['out_dir'], 'ckpt.pt')
-    if config['resume']:
-        start, history = resume_from(ckpt_path, model, optimizer, config)
+    if resume is not None:
+        start, history = resume_from(resume, ckpt_path, model, optimizer, config)
     ref_chosen, ref_rejected = reference_logps['train']                       # (M or 1, N) each
 
     def batch_loss(forward, indices, it):
@@ -165,11 +170,11 @@ def print_report(report, margins_by_group):
               f" ({report['ensemble_accuracy_by_group'][g]:.2f})  " + ' '.join(f"{w:.2f}" for w in report['routing'][g]))
 
 
-def main(argv=None):
+def main(argv):
     config = parse_args(defaults, argv)
     _, _, report = train(config)
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (dict, list))}, indent=2))
 
 
 if __name__ == '__main__':
-    main()
+    run_script(main)

@@ -21,13 +21,13 @@ import torch.distributed as dist
 
 import data
 import plots
-from checkpoint import load_base, resume_from
-from config import parse_args
+from checkpoint import base_config, load_base, load_ensemble, read_checkpoint, read_resume, resume_from
+from config import UserError, parse_args, run_script
 from evaluate import member_shares, rescaled_epistemic, routing_matrix, score_rows, sft_report, starved_members
-from lora import add_lora, clone_member, load_adapters, lora_parameters
+from lora import add_lora, clone_member, lora_parameters
 from renyi_lora import (alpha_at, check_alpha, floored_renyi_loss, label_smoothed_nll, prior_penalty,
                         responsibilities, sequence_logprobs, ual_smoothing)
-from trainer import learning_rate, setup_distributed, train_loop
+from trainer import check_settings, learning_rate, setup_distributed, train_loop
 from verdict import held_out_thresholds
 
 defaults = dict(
@@ -37,7 +37,9 @@ defaults = dict(
     ood_data='',            # out-of-distribution prompts for auroc_ood; '' means none (benchmark: its OOD set)
     val_fraction=0.1,       # share of prompts held out when --data is given without --val_data
     truncate=False,         # rows longer than the base's block_size: error (False) or cut the prompt's start
-    base='out/base.pt',     # the pretrained base model; pretrain.py makes it when missing
+    base='out/base.pt',     # a pretrain.py checkpoint (made by pretrain.py when this default is missing) or a local
+                            # Hugging Face GPT-2 directory (config.json plus weights)
+    tokenizer='',           # '' the base's own (checkpoint.base_config); gpt2: tiktoken's GPT-2 encoding
     out_dir='out/sft',
     resume=False,           # continue from out_dir/ckpt.pt
     # the ensemble
@@ -78,20 +80,45 @@ defaults = dict(
 )
 
 
+def read_inputs(config):
+    """Every input checked before any expensive work (pretraining the base, training), each mistake a UserError:
+    returns (train, validation, test and OOD rows, the encoded training set, the tokenizer, the checkpoint to
+    resume or None)."""
+    check_settings(config, positive=('n_members', 'lora_rank'))
+    check_alpha(config['alpha'])
+    if config['ual_source'] not in ('', 'data', 'ensemble'):
+        raise UserError(f"ual_source must be '', 'data' or 'ensemble', got {config['ual_source']!r}")
+    rows = data.load_sft_rows(config['data'], config['val_data'], config['ood_data'], config['val_fraction'],
+                              config['seed'])
+    if config['ual_source'] == 'data':
+        missing = [row for row in rows[0] if row.get('uncertainty') is None]
+        if missing:
+            raise UserError(f"--ual_source=data: {len(missing)} training rows have no 'uncertainty' "
+                            f"(first: {missing[0].get('source', 'a benchmark row')})")
+    base, tokenizer_name = base_config(config['base'], config['tokenizer'])
+    tokenizer = data.get_tokenizer(tokenizer_name)
+    train_set = data.encode_sft(rows[0], tokenizer, base.block_size, truncate=config['truncate'])
+    resume = (read_resume(config['out_dir'], config['n_members'], config['lora_rank'], config['lora_alpha'])
+              if config['resume'] else None)
+    trained_on_base = [os.path.join(config['out_dir'], 'ckpt.pt')] if config['resume'] else []
+    if config['ual_source'] == 'ensemble':
+        read_checkpoint(config['ual_teacher'])
+        trained_on_base.append(config['ual_teacher'])
+    if trained_on_base and not os.path.exists(config['base']):
+        raise UserError(f"--base={config['base']} does not exist (yet), so the adapters of {trained_on_base[0]} "
+                        "were not trained on it: pass the base they were trained on")
+    return (*rows, train_set, tokenizer, resume)
+
+
 def ual_label_smoothing(config, train_rows, tokenizer):
     """UAL's label smoothing eps_i of every training row, (N,), from its uncertainty u_i; None when UAL is off."""
     source = config['ual_source']
     if source == '':
         return None
-    if source == 'data':
-        missing = [i for i, row in enumerate(train_rows) if row.get('uncertainty') is None]
-        if missing:
-            raise ValueError(f"ual_source=data: {len(missing)} training rows have no 'uncertainty' "
-                             f"(first: row {missing[0]})")
+    if source == 'data':                # read_inputs checked that every row has one
         uncertainty = torch.tensor([float(row['uncertainty']) for row in train_rows])
-    else:  # 'ensemble' (train checks the name first): the ensemble plays the UAL paper's "more capable model"
-        teacher, _ = load_base(config['base'], config['device'])
-        load_adapters(teacher, config['ual_teacher'])
+    else:  # 'ensemble': the ensemble plays the UAL paper's "more capable model"
+        teacher, _, _ = load_ensemble(config['ual_teacher'], config['device'], base=config['base'])
         uncertainty = rescaled_epistemic(teacher.to(config['device']), tokenizer, train_rows, config['batch_size'])
     return ual_smoothing(uncertainty, config['ual_eps_min'], config['ual_eps_max'])
 
@@ -103,9 +130,7 @@ def train(config, lr_schedule=learning_rate, on_step=None):
     given, runs after every optimizer step (swag.py collects its moments there).
     readouts are evaluate.sft_report's tensors behind the report and its plots.
     """
-    check_alpha(config['alpha'])
-    if config['ual_source'] not in ('', 'data', 'ensemble'):
-        raise ValueError(f"ual_source must be '', 'data' or 'ensemble', got {config['ual_source']!r}")
+    train_rows, val_rows, test_rows, ood_rows, train_set, tokenizer, resume = read_inputs(config)
     rank, world_size = setup_distributed(config)
     # the adapters' init comes from rank 0 (DDP broadcasts it); other ranks draw their own dropout masks
     torch.manual_seed(config['seed'] + rank)
@@ -113,24 +138,20 @@ def train(config, lr_schedule=learning_rate, on_step=None):
     os.makedirs(config['out_dir'], exist_ok=True)
     if rank > 0:
         dist.barrier()  # wait while rank 0 pretrains the base, if it is missing
-    model, tokenizer_name = load_base(config['base'], device)
+    model, _ = load_base(config['base'], device, config['tokenizer'])
     if rank == 0 and world_size > 1:
         dist.barrier()  # the base exists: let the others load it
-    tokenizer = data.get_tokenizer(tokenizer_name)
-    train_rows, val_rows, test_rows, ood_rows = data.load_sft_rows(
-        config['data'], config['val_data'], config['ood_data'], config['val_fraction'], config['seed'])
-    train_set = data.encode_sft(train_rows, tokenizer, model.config.block_size, truncate=config['truncate'])
     smoothing = ual_label_smoothing(config, train_rows, tokenizer)                    # (N,) or None
     params = add_lora(model, config['n_members'], config['lora_rank'], config['lora_alpha'])
     model.to(device)
     optimizer = torch.optim.AdamW(params, lr=config['learning_rate'], weight_decay=config['weight_decay'])
-    start, history = 0, dict(iter=[], loss=[], val_iter=[], val_nll=[], member_share=[])
-    ckpt_path = os.path.join(config['out_dir'], 'ckpt.pt')
-    if config['resume']:
-        start, history = resume_from(ckpt_path, model, optimizer, config)
-
     routed = torch.zeros(config['n_members'])   # responsibilities summed over the batches since the last eval
     since_check = torch.zeros(config['n_members'])  # ... and since the last revive check
+    running = dict(routed=routed, since_check=since_check)   # checkpointed, so that a resumed run continues them
+    start, history = 0, dict(iter=[], loss=[], val_iter=[], val_nll=[], member_share=[])
+    ckpt_path = os.path.join(config['out_dir'], 'ckpt.pt')
+    if resume is not None:
+        start, history = resume_from(resume, ckpt_path, model, optimizer, config, running)
 
     def batch_loss(forward, indices, it):
         """The α-Rényi loss of one batch: the members' sequence log-likelihoods logp (M, B), then renyi_loss."""
@@ -165,7 +186,7 @@ def train(config, lr_schedule=learning_rate, on_step=None):
                for indices in data.shuffled_batches(len(train_set), config['batch_size'], config['seed']))
     train_seconds = train_loop(model, params, optimizer, batches, batch_loss, config, history, start,
                                validate=validate_and_watch_routing,
-                               ckpt_path=ckpt_path, lr_schedule=lr_schedule, on_step=after_step)
+                               ckpt_path=ckpt_path, lr_schedule=lr_schedule, on_step=after_step, state=running)
     if rank > 0:
         return model, tokenizer, None, None
 
@@ -241,7 +262,7 @@ def revive_starved(model, optimizer, routed, spread, generator):
     return starved
 
 
-def main(argv=None):
+def main(argv):
     config = parse_args(defaults, argv)
     _, _, report, _ = train(config)
     if report is not None:
@@ -249,4 +270,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_script(main)

@@ -16,6 +16,7 @@ import sample
 import train_dpo
 import train_sft
 from checkpoint import save_checkpoint
+from config import run_script
 from lora import add_lora
 from model import GPT, GPTConfig
 from verdict import (answer_labels, answer_prompts, best_split, disagreement, distinct_answers, fit_thresholds,
@@ -262,8 +263,8 @@ def test_bad_input_ends_with_one_error_line_and_status_2(runs, capsys, make, arg
         (root / "text" / "ckpt.pt").write_text("not a checkpoint")
     if make == "base":
         (root / "base" / "ckpt.pt").write_bytes((root / "base.pt").read_bytes())
-    with pytest.raises(SystemExit) as exit_info:
-        sample.main(["--device=cpu", *[a.format(root=root, sft=runs["sft"]) for a in args]])
+    with pytest.raises(SystemExit) as exit_info:    # as on the command line: UserError -> one line, status 2
+        run_script(sample.main, ["--device=cpu", *[a.format(root=root, sft=runs["sft"]) for a in args]])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message.format(root=root) in err

@@ -15,6 +15,7 @@ import train_dpo
 import train_sft
 import trainer
 from checkpoint import base_fingerprint
+from config import UserError
 from evaluate import pair_logprobs, report_group, reward_margins, score_pairs
 from lora import add_lora, lora_parameters, lora_state_dict
 from model import GPT, GPTConfig
@@ -231,8 +232,8 @@ def test_resume_continues_exactly(files, tmp_path, monkeypatch):
     straight, _, _ = train_dpo.train(tiny_config(files, tmp_path / "straight", **common))
     save = trainer.save_checkpoint
 
-    def save_then_stop(path, model, optimizer, it, config, history):
-        save(path, model, optimizer, it, config, history)
+    def save_then_stop(path, model, optimizer, it, *args):
+        save(path, model, optimizer, it, *args)
         if it == n:
             raise Interrupted
 
@@ -250,17 +251,12 @@ def test_resume_continues_exactly(files, tmp_path, monkeypatch):
     assert resumed_ckpt["iter"] == 2 * n and resumed_ckpt["history"] == straight_ckpt["history"]
 
 
-def test_a_missing_sft_run_is_trained_with_train_sft_defaults(tmp_path, monkeypatch):
-    calls = []
-
-    def record(config):
-        calls.append(config)
-        raise Interrupted
-
-    monkeypatch.setattr(train_sft, "train", record)
-    with pytest.raises(Interrupted):
-        train_dpo.load_sft(train_dpo.defaults | dict(sft_dir=str(tmp_path / "sft"), device="cpu"))
-    assert calls == [train_sft.defaults | dict(out_dir=str(tmp_path / "sft"), device="cpu")]
+def test_a_missing_sft_run_is_an_error_that_says_how_to_make_one(tmp_path):
+    typo = tmp_path / "sfft"
+    with pytest.raises(UserError, match=re.escape(f"train the SFT ensemble first, with `python train_sft.py "
+                                                  f"--out_dir={typo}`")):
+        train_dpo.main([f"--sft_dir={typo}", f"--out_dir={tmp_path / 'dpo'}", "--device=cpu"])
+    assert not typo.exists() and not (tmp_path / "dpo").exists()       # nothing trained, nothing written
 
 
 def test_contested_pairs_are_found_from_the_data_alone():

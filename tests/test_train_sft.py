@@ -4,7 +4,9 @@ equivalence to the bit, a held-out split that never splits a prompt, and clear e
 import json
 import math
 import os
+import random
 import re
+import signal
 import subprocess
 import sys
 
@@ -13,7 +15,6 @@ import torch
 
 import data
 import train_sft
-import trainer
 from checkpoint import load_base
 from evaluate import score_rows
 from lora import add_lora, lora_state_dict
@@ -158,39 +159,32 @@ def test_tiny_run_lowers_the_loss_and_writes_report_and_plots(files, tmp_path):
 # ---------------------------------------------------------------------------
 # resume
 
-class Interrupted(Exception):
-    """Stands for a crash or a kill right after a checkpoint was written."""
+def test_ctrl_c_checkpoints_the_step_and_resume_continues_exactly(files, tmp_path):
+    """2N steps straight equal a run stopped by Ctrl-C (SIGINT) after a random step k and resumed, to the bit.
 
-
-def interrupt_after_checkpoint(monkeypatch, at_iter):
-    """Make train_sft stop with Interrupted once it has saved the checkpoint of iteration at_iter."""
-    save = trainer.save_checkpoint
-
-    def save_then_stop(path, model, optimizer, it, config, history):
-        save(path, model, optimizer, it, config, history)
-        if it == at_iter:
-            raise Interrupted
-
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_stop)
-
-
-def test_resume_continues_exactly_and_metrics_without_groups_or_ood_are_null(files, tmp_path, monkeypatch):
-    """2N steps straight equal N steps, a stop, and N resumed steps, to the bit.
-
+    k falls between checkpoints, so the checkpoint Ctrl-C writes must carry everything a step
+    leaves behind: adapters, optimizer moments, RNG state, history and the routing sums.
     The interrupted run has max_iters=2N too: the learning rate decays with max_iters, so
-    a run told to stop at N follows a different schedule and is not a prefix of the 2N run.
+    a run told to stop at k follows a different schedule and is not a prefix of the 2N run.
     Dropout in the base makes the continuation depend on the saved RNG state as well.
     """
     n = 4
     common = dict(base=files["base_dropout"], data=files["plain"], ood_data="", max_iters=2 * n, eval_interval=n,
-                  log_interval=n)
+                  log_interval=n, alpha_hold_iters=0, alpha_ramp_iters=0)   # alpha 2 at once: the routing sums differ
     straight, _, report, _ = train_sft.train(tiny_config(files, tmp_path / "straight", **common))
-    with monkeypatch.context() as patch:
-        interrupt_after_checkpoint(patch, n)
-        with pytest.raises(Interrupted):
-            train_sft.train(tiny_config(files, tmp_path / "split", **common))
-    assert torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["iter"] == n
-    resumed, _, _, _ = train_sft.train(tiny_config(files, tmp_path / "split", resume=True, **common))
+    k = random.Random(18).choice([step for step in range(1, 2 * n) if step % n])
+
+    def press_ctrl_c(done, model):
+        if done == k:
+            signal.raise_signal(signal.SIGINT)       # what Ctrl-C sends; the step in progress still completes
+
+    split = tmp_path / "split"
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match=re.escape(f"after iter {k}; saved {split / 'ckpt.pt'}")):
+        train_sft.train(tiny_config(files, split, **common), on_step=press_ctrl_c)
+    assert torch.load(split / "ckpt.pt", weights_only=True)["iter"] == k
+    assert signal.getsignal(signal.SIGINT) is handler                           # Ctrl-C's handler is put back
+    resumed, _, _, _ = train_sft.train(tiny_config(files, split, resume=True, **common))
 
     expected, actual = lora_state_dict(straight), lora_state_dict(resumed)
     assert expected.keys() == actual.keys()
@@ -202,6 +196,8 @@ def test_resume_continues_exactly_and_metrics_without_groups_or_ood_are_null(fil
     resumed_ckpt = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
     assert resumed_ckpt["iter"] == straight_ckpt["iter"] == 2 * n
     assert resumed_ckpt["history"] == straight_ckpt["history"]
+    for before, after in zip(straight_ckpt["optimizer"]["state"].values(), resumed_ckpt["optimizer"]["state"].values()):
+        assert all(torch.equal(before[moment], after[moment]) for moment in before)
 
     # no group field and no OOD file: the metrics that need them are null, never invented
     assert report["argmax_specialisation"] is None and report["routing"] is None
@@ -274,7 +270,7 @@ def test_bad_alpha_on_the_command_line(files, tmp_path, alpha):
     ("--max_iters=2.5", "--max_iters=2.5: expected int"),
     ("--alpha=high", "--alpha=high: expected float"),
     ("--resume=maybe", "--resume=maybe: expected true/false/1/0"),
-    ("--help", "argument '--help': expected --key=value"),
+    ("help", "argument 'help': expected --key=value"),
 ])
 def test_bad_arguments_name_the_key(tmp_path, arg, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -282,11 +278,12 @@ def test_bad_arguments_name_the_key(tmp_path, arg, message):
     assert not (tmp_path / "never").exists()
 
 
-def test_command_line_error_ends_with_one_line_naming_the_key(tmp_path):
+def test_command_line_error_is_one_line_naming_the_key_and_status_2(tmp_path):
     result = subprocess.run([sys.executable, "train_sft.py", "--alhpa=0.5", f"--out_dir={tmp_path / 'never'}"],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].startswith("ValueError: unknown config key 'alhpa'; known keys:")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: unknown config key 'alhpa'; known keys: data, val_data,")
+    assert result.stderr.count("\n") == 1
     assert not (tmp_path / "never").exists()
 
 
