@@ -16,16 +16,31 @@ then decoding (M members together vs one after another; the KV cache on vs off, 
 sequence mixture and for every member's own continuation), the shared frozen trunk
 (adapters on the top half, sharing on vs off) and the MFU of (a): the step's matmul
 FLOPs (counted by torch's FlopCounterMode) per second over a matmul peak measured here.
+
+    OMP_NUM_THREADS=1 python bench.py --preset=gpt2   # GPT-2 small's shape: the memory table below
+
+--memory=true (on with --preset=gpt2) prints instead the step time and peak memory of M = 1, 2, 4,
+8 members on one frozen base against M separate copies of the model (base and one adapter each),
+every member on the same per-member batch B. Each configuration runs in a fresh process and its
+peak is the process's maximum resident set (getrusage's ru_maxrss): torch allocates outside
+Python's allocator, so tracemalloc would not see it. The expected extra memory of a member is
+its adapters with their gradients and AdamW's two moments (4 x 4 bytes per adapter parameter)
+plus the activations its forward pass saves for the backward one (counted with autograd's
+saved-tensor hooks) plus the logits-sized gradients its backward pass holds for a moment.
 """
 import copy
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from config import parse_args, run_script
+from config import UserError, parse_args, run_script
 from lora import add_lora, merge_member
 from model import GPT, GPTConfig
 from renyi_lora import renyi_loss, sequence_logprobs
@@ -49,6 +64,16 @@ defaults = dict(
     n_threads=0,                            # 0: torch's default (one per physical core)
     profile=False,                          # print torch.profiler's top ops of the ensemble step
     seed=0,
+    preset='',                              # 'gpt2': the PRESETS entry's values replace the defaults above
+    block_size=128,                         # the position table's length (GPT-2: 1024)
+    memory=False,                           # the memory table instead: M members on one base vs M copies
+    memory_members='1,2,4,8',               # ... for these M
+    memory_run='',                          # (internal) one configuration of it, 'ensemble:M' or 'copies:M'
+)
+PRESETS = dict(
+    # GPT-2 small (124M parameters) with random weights, kept small enough in batch and steps for a CPU
+    gpt2=dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, batch_size=2, seq_len=64,
+              prompt_len=16, n_warmup=1, n_timed=3, memory=True),
 )
 
 
@@ -82,7 +107,7 @@ def matmul_peak(config, n=1024):
 
 def ensemble(config, n_members, layers=None):
     """A GPT of the configured size carrying n_members adapters (on `layers`, all blocks by default)."""
-    model = GPT(GPTConfig(block_size=128, vocab_size=config['vocab_size'], n_layer=config['n_layer'],
+    model = GPT(GPTConfig(block_size=config['block_size'], vocab_size=config['vocab_size'], n_layer=config['n_layer'],
                           n_head=config['n_head'], n_embd=config['n_embd']))
     add_lora(model, n_members, config['lora_rank'], lora_alpha=2.0 * config['lora_rank'], layers=layers)
     return model
@@ -187,11 +212,97 @@ def print_profile(step, n_rows=12):
     print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=n_rows))
 
 
+def peak_mb():
+    """The most memory this process has held resident so far, in MB (Linux reports ru_maxrss in KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def saved_for_backward_mb(loss_fn):
+    """MB of the tensors autograd saves in one forward pass of loss_fn (each storage once; the frozen weights,
+    which autograd saves too, are not activations and are left out)."""
+    storages = {}
+
+    def pack(tensor):
+        if not (isinstance(tensor, torch.nn.Parameter) or tensor._base is not None and
+                isinstance(tensor._base, torch.nn.Parameter)):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss_fn()
+    return sum(storages.values()) / 2 ** 20
+
+
+def memory_run(config):
+    """One configuration of the memory table, in this fresh process: {ms per step, MB resident once the models
+    are built, peak MB over the timed steps, MB saved for backward, adapter parameters per member}."""
+    kind, n_members = config['memory_run'].split(':')
+    n_members = int(n_members)
+    idx = torch.randint(config['vocab_size'], (config['batch_size'], config['seq_len']))                  # (B, T)
+    labels = idx.masked_fill(torch.arange(config['seq_len']) < config['prompt_len'], -100)               # (B, T)
+    models = [ensemble(config, n_members)] if kind == 'ensemble' else [ensemble(config, 1) for _ in range(n_members)]
+    params = [[p for p in model.parameters() if p.requires_grad] for model in models]
+    steps = [training_step(lambda model=model: loss_of(model(idx), labels), model_params)
+             for model, model_params in zip(models, params)]
+    built = peak_mb()
+    seconds = timings(dict(step=lambda: [step() for step in steps]), config['n_warmup'], config['n_timed'])['step']
+    peak = peak_mb()
+    saved = sum(saved_for_backward_mb(lambda model=model: loss_of(model(idx), labels)) for model in models)
+    return dict(ms=statistics.median(seconds) * 1e3, built_mb=built, peak_mb=peak, saved_mb=saved,
+                adapter_params=sum(p.numel() for model_params in params for p in model_params) // n_members)
+
+
+def memory_table(config):
+    """Step time and peak memory of M members on one base against M separate copies, each in a fresh process."""
+    args = [f"--{key}={value}" for key, value in config.items() if key not in ('preset', 'memory_run')]
+    runs = {}
+    for n_members in [int(m) for m in config['memory_members'].split(',')]:
+        for kind in ('ensemble', 'copies'):
+            result = subprocess.run([sys.executable, os.path.abspath(__file__), *args,
+                                     f"--memory_run={kind}:{n_members}"], capture_output=True, text=True, check=True)
+            runs[kind, n_members] = json.loads(result.stdout.splitlines()[-1])
+    members = sorted({m for _, m in runs})
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: {config['n_layer']} layers, n_embd "
+          f"{config['n_embd']}, vocab {config['vocab_size']}, random weights; adapters of rank {config['lora_rank']} on "
+          f"every block; per member a batch of B={config['batch_size']} x T={config['seq_len']} tokens; "
+          f"median of {config['n_timed']} steps after {config['n_warmup']}")
+    print(f"{'M':>3} {'ms/step one base':>17} {'ms/step M copies':>17} {'peak MB one base':>17} {'peak MB M copies':>17}"
+          f" {'built MB one base':>18} {'saved for bwd MB':>17}")
+    for m in members:
+        one, copies = runs['ensemble', m], runs['copies', m]
+        print(f"{m:>3} {one['ms']:>17.0f} {copies['ms']:>17.0f} {one['peak_mb']:>17.0f} {copies['peak_mb']:>17.0f}"
+              f" {one['built_mb']:>18.0f} {one['saved_mb']:>17.1f}")
+    first, last = members[0], members[-1]
+    per_member = {kind: (runs[kind, last]['peak_mb'] - runs[kind, first]['peak_mb']) / (last - first)
+                  for kind in ('ensemble', 'copies')}
+    one = runs['ensemble', last]
+    adapters_mb = one['adapter_params'] * 4 * 4 / 2 ** 20      # parameters, gradients, AdamW's two moments; fp32
+    activations_mb = (one['saved_mb'] - runs['ensemble', first]['saved_mb']) / (last - first)
+    logits_mb = config['batch_size'] * config['seq_len'] * config['vocab_size'] * 4 / 2 ** 20
+    print(f"\nextra peak memory per member, M = {first} -> {last}: one base {per_member['ensemble']:.0f} MB, "
+          f"M copies {per_member['copies']:.0f} MB")
+    print(f"a member's accounting: adapters {one['adapter_params'] / 1e6:.2f}M parameters x 16 bytes (with gradients "
+          f"and AdamW's moments) = {adapters_mb:.0f} MB, activations saved for backward {activations_mb:.0f} MB, and "
+          f"the backward's three transient logits-sized gradients (of the log-softmax, of the shifted slice and of the "
+          f"logits: B x T x V fp32 = {logits_mb:.0f} MB each): {adapters_mb + activations_mb + 3 * logits_mb:.0f} MB")
+    print(f"the base's weights, paid once by the ensemble and M times by the copies: "
+          f"{runs['copies', last]['built_mb'] - runs['copies', first]['built_mb']:.0f} MB for {last - first} more copies")
+
+
 def main(argv):
-    config = parse_args(defaults, argv)
+    preset = parse_args(defaults, argv)['preset']
+    if preset not in ('', *PRESETS):
+        raise UserError(f"--preset={preset}: expected '' or one of {', '.join(PRESETS)}")
+    config = parse_args(defaults | PRESETS.get(preset, {}), argv)
     if config['n_threads']:
         torch.set_num_threads(config['n_threads'])
     torch.manual_seed(config['seed'])
+    if config['memory_run']:
+        print(json.dumps(memory_run(config)))
+        return
+    if config['memory']:
+        memory_table(config)
+        return
     load_before = os.getloadavg()
     n_members, batch_size, seq_len = config['n_members'], config['batch_size'], config['seq_len']
     idx = torch.randint(config['vocab_size'], (batch_size, seq_len))                   # (B, T)
