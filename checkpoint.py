@@ -44,7 +44,7 @@ def read_checkpoint(path, keys=RUN_KEYS, what=A_RUN):
         raise UserError(f"{path} not found: expected {what}")
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:   # OSError: some truncations
         raise UserError(f"{path} is not a checkpoint torch can read ({type(error).__name__}: truncated or "
                         f"corrupt?): expected {what}") from None
     missing = [key for key in keys if not (isinstance(ckpt, dict) and key in ckpt)]
