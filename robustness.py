@@ -16,18 +16,18 @@ sets of conflict_sets.FAMILY x seeds x variants, each beside a single adapter
     python robustness.py --sets=user_160,long --seeds=1337 --variants=default,ramp,alpha_1
     python robustness.py --max_iters=200                   # any train_sft.py key applies to every run
     python robustness.py --train=false                     # the table of the runs that have finished
+    python robustness.py --help                            # these keys; train_sft.py --help lists the others
 
 A run whose report.json exists is not trained again, so an interrupted study
 continues where it stopped. Writes study_dir/results.json and study_dir/table.md.
 """
 import json
 import os
-import sys
 
 import conflict_sets
 import data
 import train_sft
-from config import parse_args
+from config import UserError, parse_args, run_script
 
 # Each variant is a set of train_sft.py overrides; 'single' is the reference every variant is compared with.
 VARIANTS = {
@@ -122,6 +122,8 @@ def table(rows):
 
 
 def main(argv):
+    if '--help' in argv or '-h' in argv:
+        parse_args(STUDY, ['--help'])        # this docstring and the study's keys; train_sft.py --help lists the rest
     study_keys = [a for a in argv if a.split('=')[0][2:] in STUDY]
     study = parse_args(STUDY, study_keys)
     config = parse_args(train_sft.defaults, [a for a in argv if a not in study_keys])
@@ -129,10 +131,10 @@ def main(argv):
     variants = study['variants'].split(',')
     for name in names:
         if name not in conflict_sets.FAMILY:
-            raise ValueError(f"--sets: unknown set {name!r}; known: {', '.join(conflict_sets.FAMILY)}")
+            raise UserError(f"--sets: unknown set {name!r}; known: {', '.join(conflict_sets.FAMILY)}")
     for variant in variants:
         if variant not in VARIANTS:
-            raise ValueError(f"--variants: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+            raise UserError(f"--variants: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
     rows = []
     for name in names:
         for seed in [int(s) for s in study['seeds'].split(',')]:
@@ -150,4 +152,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    run_script(main)

@@ -52,3 +52,11 @@ def test_train_false_tabulates_only_finished_runs(tmp_path, capsys):
     robustness.main(['--sets=user_160,long', '--seeds=1337', '--train=false', f'--study_dir={tmp_path}'])
     lines = (tmp_path / 'table.md').read_text().splitlines()
     assert len(lines) == 3 and lines[2].startswith('| user_160 | default | 1337 | 0.90 | – | 0 |')
+
+
+def test_help_lists_the_study_keys(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        robustness.main(['--help'])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert 'STUDY = dict(sets=' in out and 'Does a default survive' in out
