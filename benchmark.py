@@ -22,6 +22,7 @@ stronger model.
 
     python benchmark.py                              # the splits as JSONL, and pretrain.txt, in out/data/
     python benchmark.py --train_tokenizer=true       # also retrain the shipped ranks file renyi_bpe.tiktoken
+    python benchmark.py --corrupt=0.2                # 20 % of the consistent training responses made wrong
 """
 
 import functools
@@ -33,7 +34,7 @@ import re
 from dataclasses import dataclass
 
 import data
-from config import parse_args, run_script
+from config import UserError, parse_args, run_script
 
 # -----------------------------------------------------------------------------
 # the world: fixed facts, shared by the pretraining text and the benchmark
@@ -314,14 +315,36 @@ def preference_rows(item, wrong_answers, rng, consensus_rejected="parrot"):
                  group=rng.choice(PERSONAS), kind="consensus")]
 
 
-def make_benchmark(seed=0, consensus_rejected="parrot"):
+def corrupt_responses(rows, share, seed):
+    """Label noise: round(share * n) of the n consistent rows get a wrong response, tagged `corrupted: True`.
+
+    The wrong response is another prompt's answer to the same task (" Lima" for the capital
+    of France), so it is plausible but never acceptable (is_correct is False). Returns new
+    rows in the same order; the others are unchanged. share in [0, 1); seeded by seed alone.
+    """
+    if not 0 <= share < 1:
+        raise UserError(f"corrupt must be in [0, 1), got {share}")
+    rng = random.Random(seed)
+    answers = {}
+    for item in world_items():
+        answers.setdefault(item.task, set()).update(response for _, response in item.answers)
+    consistent = [i for i, row in enumerate(rows) if row["kind"] == "consistent"]
+    rows = list(rows)
+    for i in sorted(rng.sample(consistent, round(share * len(consistent)))):
+        wrong = [answer for answer in sorted(answers[rows[i]["task"]]) if not is_correct(rows[i], answer)]
+        rows[i] = rows[i] | dict(response=rng.choice(wrong), corrupted=True)
+    return rows
+
+
+def make_benchmark(seed=0, consensus_rejected="parrot", corrupt=0.0):
     """The benchmark's splits, deterministic for a given seed.
 
     Returns {"sft_train", "sft_val", "sft_test", "dpo_train", "dpo_val", "dpo_test", "ood"}, each a list of
     dicts. SFT and ood rows: prompt, response, task, group, uncertainty, kind. Preference rows: prompt,
     chosen, rejected, task, group, kind (consensus or contested). SFT and DPO share one split of prompts.
     consensus_rejected ("parrot" or "wrong_answer") picks the rejected answer of consensus pairs, see
-    preference_rows; it changes nothing else.
+    preference_rows; it changes nothing else. corrupt: the share of consistent sft_train rows
+    given a wrong response (corrupt_responses); every other split stays as it is.
     """
     if consensus_rejected not in CONSENSUS_REJECTED:
         raise ValueError(f"consensus_rejected must be one of {CONSENSUS_REJECTED}, got {consensus_rejected!r}")
@@ -342,6 +365,7 @@ def make_benchmark(seed=0, consensus_rejected="parrot"):
                 splits[f"dpo_{split}"] += preference_rows(item, wrong_answers, rng, consensus_rejected)
     for rows in splits.values():
         rng.shuffle(rows)
+    splits["sft_train"] = corrupt_responses(splits["sft_train"], corrupt, seed)
     return splits
 
 
@@ -417,6 +441,7 @@ DEFAULTS = dict(
     out_dir="out/data",     # where the JSONL splits and pretrain.txt go
     train_tokenizer=False,  # retrain the shipped ranks file renyi_bpe.tiktoken from pretrain_text(seed=0)
     consensus_rejected="parrot",  # consensus pairs' rejected answer: "parrot" or "wrong_answer" (preference_rows)
+    corrupt=0.0,            # share of consistent training responses replaced by wrong ones (corrupt_responses)
 )
 
 
@@ -425,7 +450,7 @@ def main(argv):
     if config["train_tokenizer"]:
         data.save_ranks(data.train_bpe(pretrain_text(seed=0)), data.RANKS_PATH)
         print(f"wrote {data.RANKS_PATH}")
-    for name, rows in make_benchmark(config["seed"], config["consensus_rejected"]).items():
+    for name, rows in make_benchmark(config["seed"], config["consensus_rejected"], config["corrupt"]).items():
         data.write_jsonl(rows, os.path.join(config["out_dir"], f"{name}.jsonl"))
         print(f"{name}: {len(rows)} rows")
     with open(os.path.join(config["out_dir"], "pretrain.txt"), "w", encoding="utf-8") as f:

@@ -242,18 +242,23 @@ def train_and_held_out(path, val_path, val_fraction, seed, load_jsonl, mark_kind
     return train_rows, held_out
 
 
-def load_sft_rows(path, val_path="", ood_path="", val_fraction=0.1, seed=0):
+def load_sft_rows(path, val_path="", ood_path="", val_fraction=0.1, seed=0, corrupt=0.0):
     """Train, validation, test and OOD SFT rows (dicts with prompt, response, kind, group, ...).
 
-    path '' is the benchmark's splits. Otherwise the rows of path; held out are val_path's rows,
-    or without it a seeded share val_fraction of path's prompts (validation and test are then
-    the same rows). Each row's kind is read from the data (mark_conflicts).
+    path '' is the benchmark's splits, a share `corrupt` of its consistent training responses
+    made wrong (benchmark.corrupt_responses; with path, corrupt must be 0). Otherwise the rows
+    of path; held out are val_path's rows, or without it a seeded share val_fraction of path's
+    prompts (validation and test are then the same rows). Each row's kind is read from the data
+    (mark_conflicts).
     """
     if not path and (val_path or ood_path):
         raise UserError(f"--{'val_data' if val_path else 'ood_data'} needs --data: the benchmark brings its own")
+    if path and corrupt:
+        raise UserError("--corrupt adds label noise to the built-in benchmark only: drop --data, or corrupt "
+                        "your file yourself (benchmark.corrupt_responses)")
     if not path:
         import benchmark  # here, not at the top: benchmark.py builds on this module
-        splits = benchmark.make_benchmark(seed=0)
+        splits = benchmark.make_benchmark(seed=0, corrupt=corrupt)
         return splits["sft_train"], splits["sft_val"], splits["sft_test"], splits["ood"]
     train_rows, held_out = train_and_held_out(path, val_path, val_fraction, seed, load_sft_jsonl, mark_conflicts)
     ood_rows = load_sft_jsonl(ood_path) if ood_path else []

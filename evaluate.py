@@ -132,6 +132,21 @@ def per_prompt_specialisation(logp, groups, prompts):
     return sum(scores) / len(scores) if scores else None
 
 
+def task_routing(logp, alpha, rows):
+    """Do members specialise by task? On the rows every annotator agrees on (consistent and high-entropy):
+
+        task_routing         {task: [mean responsibility of member m at alpha]}, routing_matrix by task
+        task_specialisation  I(task; member) / H(task) = 1 - H(task | member) / H(task) under the posterior
+                             w_m(x) = softmax_m(log p_m(x)): soft_specialisation with tasks for groups
+
+    logp: (M, N) of the N rows -> a dict of both keys, each None without such rows (the second also with one task).
+    """
+    agreed = [i for i, row in enumerate(rows) if row.get('kind') in ('consistent', 'high_entropy') and row.get('task')]
+    tasks = [rows[i]['task'] for i in agreed]
+    return dict(task_routing=routing_matrix(logp[:, agreed], alpha, tasks) if tasks else None,
+                task_specialisation=soft_specialisation(logp[:, agreed], tasks))
+
+
 def member_shares(logp, alpha):
     """Each member's share of the responsibility, mean_i softmax_m(alpha * log p_m(x_i)): (M,) summing to 1.
 
@@ -158,6 +173,33 @@ def routing_matrix(logp, alpha, groups):
         columns = torch.tensor([g == group for g in groups])
         matrix[group] = weights[:, columns].mean(1).tolist()
     return matrix
+
+
+def responsibility_spread(logp, alpha):
+    """How the responsibilities w(x) = softmax_m(alpha * log p_m(x)) spread over the members, averaged over examples:
+
+        entropy   = mean_i -sum_m w_m(x_i) log w_m(x_i)   (nats; 0 on one member, log M when even)
+        top_share = mean_i max_m w_m(x_i)
+
+    logp: (M, N), N >= 1 -> {'entropy': float, 'top_share': float}.
+    """
+    weights = responsibilities(logp.double(), alpha)                          # (M, N)
+    entropy = -(weights * weights.clamp_min(1e-300).log()).sum(0)             # (N,)
+    return dict(entropy=entropy.mean().item(), top_share=weights.max(0).values.mean().item())
+
+
+def noise_routing(logp, alpha, rows):
+    """responsibility_spread of the corrupted training rows (`corrupted: True`) and of the clean consistent ones.
+
+    logp: (M, N) of the N rows -> {'corrupted': ..., 'clean': ...}; None without corrupted rows.
+    Shielding (the paper's claim) shows as corrupted rows on fewer members than clean ones.
+    """
+    corrupted = [i for i, row in enumerate(rows) if row.get('corrupted')]
+    clean = [i for i, row in enumerate(rows) if row.get('kind') == 'consistent' and not row.get('corrupted')]
+    if not corrupted or not clean:
+        return None
+    return dict(corrupted=responsibility_spread(logp[:, corrupted], alpha),
+                clean=responsibility_spread(logp[:, clean], alpha))
 
 
 def safe_auroc(pos_scores, neg_scores):
@@ -316,6 +358,7 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
                   routing=routing_matrix(scores['logp'][:, conflicting], alpha, groups) if groups else None,
                   auroc_conflict=safe_auroc(by_kind.get('conflicting', []), by_kind.get('consistent', [])),
                   auroc_ood=None, auroc_ood_vs_consistent=None, coherence=None)
+    report |= task_routing(scores['logp'], alpha, test_rows)
     if ood_rows:
         ood_scores = score_rows(model, tokenizer, ood_rows, batch_size)
         by_kind['ood'] = list(per_prompt_mean(epistemic_per_token(ood_scores), ood_rows).values())

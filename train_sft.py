@@ -23,7 +23,8 @@ import data
 import plots
 from checkpoint import base_config, load_base, load_ensemble, read_checkpoint, read_resume, resume_from
 from config import UserError, parse_args, run_script
-from evaluate import member_shares, rescaled_epistemic, routing_matrix, score_rows, sft_report, starved_members
+from evaluate import (member_shares, noise_routing, rescaled_epistemic, routing_matrix, score_rows, sft_report,
+                      starved_members)
 from lora import add_lora, clone_member, lora_parameters
 from renyi_lora import (alpha_at, check_alpha, floored_renyi_loss, label_smoothed_nll, prior_penalty,
                         responsibilities, sequence_logprobs, ual_smoothing)
@@ -37,6 +38,7 @@ defaults = dict(
     ood_data='',            # out-of-distribution prompts for auroc_ood; '' means none (benchmark: its OOD set)
     val_fraction=0.1,       # share of prompts held out when --data is given without --val_data
     truncate=False,         # rows longer than the base's block_size: error (False) or cut the prompt's start
+    corrupt=0.0,            # benchmark only: share of its consistent training responses made wrong (label noise)
     base='out/base.pt',     # a pretrain.py checkpoint (made by pretrain.py when this default is missing) or a local
                             # Hugging Face GPT-2 directory (config.json plus weights)
     tokenizer='',           # '' the base's own (checkpoint.base_config); gpt2: tiktoken's GPT-2 encoding
@@ -89,7 +91,7 @@ def read_inputs(config):
     if config['ual_source'] not in ('', 'data', 'ensemble'):
         raise UserError(f"ual_source must be '', 'data' or 'ensemble', got {config['ual_source']!r}")
     rows = data.load_sft_rows(config['data'], config['val_data'], config['ood_data'], config['val_fraction'],
-                              config['seed'])
+                              config['seed'], config['corrupt'])
     if config['ual_source'] == 'data':
         missing = [row for row in rows[0] if row.get('uncertainty') is None]
         if missing:
@@ -193,9 +195,11 @@ def train(config, lr_schedule=learning_rate, on_step=None):
     report, readouts = sft_report(model, tokenizer, test_rows, ood_rows, config['alpha'], config['batch_size'],
                                   config['max_new_tokens'], config['n_samples'], config['seed'])
     model.eval()
-    shares = member_shares(score_rows(model, tokenizer, train_rows, config['batch_size'])['logp'], config['alpha'])
+    train_logp = score_rows(model, tokenizer, train_rows, config['batch_size'])['logp']      # (M, N)
     model.train()
+    shares = member_shares(train_logp, config['alpha'])
     report['member_share'] = shares.tolist()           # of the training rows' responsibility, at the final alpha
+    report['noise_routing'] = noise_routing(train_logp, config['alpha'], train_rows)
     report['starved_members'] = starved_members(shares)
     plots.sft_plots(config['out_dir'], history, report, readouts['by_kind'], readouts['scores'])
     report['train_seconds'] = round(train_seconds, 1)
