@@ -135,12 +135,11 @@ def principal_directions(gradients, n_directions):
     eigenvector G^T v / sqrt(N lambda). Only directions with lambda > 0 are kept, so k <= rank C.
     """
     n_examples = len(gradients)
-    gram = (gradients @ gradients.T).double() / n_examples            # (N, N)
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)               # ascending
+    eigenvalues, eigenvectors = torch.linalg.eigh(gradients @ gradients.T / n_examples)  # (N,), (N, N) ascending
     eigenvalues, eigenvectors = eigenvalues.flip(0)[:n_directions], eigenvectors.flip(1)[:, :n_directions]
     keep = eigenvalues > eigenvalues[0] * 1e-10
     eigenvalues, eigenvectors = eigenvalues[keep], eigenvectors[:, keep]
-    directions = gradients.T.double() @ eigenvectors / (n_examples * eigenvalues).sqrt()  # (P, k)
+    directions = gradients.T @ eigenvectors / (n_examples * eigenvalues).sqrt()  # (P, k)
     return directions, eigenvalues
 
 
@@ -154,7 +153,7 @@ def estimate_critical_alpha(model, batches, prior_precision=0.0, n_directions=10
     U^T C U is diagonal (C's eigenvalues); U^T J U costs k Hessian-vector products. mu_max of the
     k-dimensional pencil is a lower bound on lambda_max(J^-1 C) (Courant-Fischer), so alpha* is an
     upper bound, exact once U holds the leading eigenvector of J^-1 C. batches: (idx, labels) pairs
-    as data.sft_batch makes them. Returns a dict:
+    as data.sft_batch makes them; the model in eval mode (dropout would make J random). Returns a dict:
       alpha_star          1 / mu_max (inf when C = 0)
       eigenvalues         mu of the pencil, largest first (k,)
       alpha_star_by_k     {k': alpha*} on the first k' directions, k' = k/4, k/2, k: how the bound moves
@@ -168,29 +167,28 @@ def estimate_critical_alpha(model, batches, prior_precision=0.0, n_directions=10
     ValueError when U^T J U is not positive definite (theta* is no maximum along U).
     """
     batches = list(batches)
-    gradients = per_example_gradients(model, batches)                   # (N, P)
+    gradients = per_example_gradients(model, batches).double()          # (N, P)
     directions, moment_diagonal = principal_directions(gradients, n_directions)  # (P, k), (k,)
     products = information_products(model, batches, directions) + prior_precision * directions  # J U: (P, k)
-    information = directions.T @ products                               # (k, k)
-    information = (information + information.T) / 2
-    moment = torch.diag(moment_diagonal)
+    information = (directions.T @ products + products.T @ directions) / 2  # U^T J U, symmetrised: (k, k)
+    moment = torch.diag(moment_diagonal)                                # U^T C U: (k, k)
     eigenvalues, pencil_vectors = generalized_eigen(moment, information)
     n_kept = len(moment_diagonal)
     by_k = {k: critical_alpha(information[:k, :k], moment[:k, :k]) for k in sorted({max(1, n_kept // 4),
                                                                                     max(1, n_kept // 2), n_kept})}
     leading = directions @ pencil_vectors[:, 0]                         # (P,)
+    mean_gradient = gradients.mean(0)                                   # gbar: (P,)
+    mean_pull = directions.T @ mean_gradient                            # U^T gbar: (k,)
     theta = torch.cat([p.detach().flatten() for p in lora_parameters(model)]).double()
-    total_moment = gradients.double().pow(2).sum() / len(gradients)
-    mean_pull = directions.T @ gradients.double().mean(0)               # U^T gbar: (k,)
-    mean_gradient = gradients.double().mean(0) - prior_precision * theta
+    total_moment = gradients.pow(2).sum() / len(gradients)              # tr C
     spectrum = torch.linalg.eigvalsh(information)
     return dict(alpha_star=1.0 / eigenvalues[0].item() if eigenvalues[0] > 0 else math.inf,
                 eigenvalues=eigenvalues, alpha_star_by_k=by_k,
                 alpha_star_centred=critical_alpha(information, moment - torch.outer(mean_pull, mean_pull)),
-                direction=leading,
-                loadings=gradients.double() @ leading, variance_captured=(moment_diagonal.sum() / total_moment).item(),
+                direction=leading, loadings=gradients @ leading,
+                variance_captured=(moment_diagonal.sum() / total_moment).item(),
                 information_range=(spectrum[0].item(), spectrum[-1].item()),
-                stationarity=(mean_gradient.norm() / total_moment.sqrt()).item())
+                stationarity=((mean_gradient - prior_precision * theta).norm() / total_moment.sqrt()).item())
 
 
 # -----------------------------------------------------------------------------
