@@ -28,6 +28,7 @@ from checkpoint import load_base, load_ensemble
 from config import parse_args, run_script
 from lora import add_lora, clone_member, lora_parameters
 from renyi_lora import alpha_at, prior_penalty, renyi_loss, sequence_logprobs
+from stability_toys import observed_threshold
 
 defaults = dict(
     sft_dir='out/sft_single',   # the M = 1 run whose adapter is theta*
@@ -91,12 +92,6 @@ def spread_history(config, run_config, theta_star, encoded, eot, n_members, alph
     return [s / history[0] for s in history]
 
 
-def observed_threshold(alphas, growth):
-    """The smallest alpha whose spread ended above its start (growth > 1); None if none did."""
-    grown = [alpha for alpha, factor in zip(alphas, growth) if factor > 1]
-    return min(grown) if grown else None
-
-
 def fixed_alpha_grid(config):
     """{M: {alpha: spread history}} over the grid, printed as a table of final / initial spreads."""
     single, tokenizer_name, run_config = load_ensemble(os.path.join(config['sft_dir'], 'ckpt.pt'))
@@ -118,8 +113,8 @@ def fixed_alpha_grid(config):
     print("| M | " + " | ".join(f"alpha = {a:g}" for a in alphas) + " | observed threshold |")
     print("|---|" + "---|" * (len(alphas) + 1))
     for n_members, by_alpha in results.items():
-        growth = [by_alpha[a][-1] for a in alphas]
-        print(f"| {n_members} | " + " | ".join(f"{g:.2f}" for g in growth) +
+        growth = torch.tensor([by_alpha[a][-1] for a in alphas])
+        print(f"| {n_members} | " + " | ".join(f"{g:.2f}" for g in growth.tolist()) +
               f" | {observed_threshold(alphas, growth)} |")
     return results
 
@@ -129,8 +124,9 @@ def split_onset(config):
     members' spread on the conflicting and on the consistent training rows. -> {step, alpha, conflicting, consistent}."""
     run_config = dict(train_sft.defaults, out_dir=config['onset_dir'], device='cpu')
     rows = data.load_sft_rows('')[0]
-    tokenizer = data.get_tokenizer(load_base(run_config['base'])[1])
-    encoded = data.encode_sft(rows, tokenizer, 128)
+    base, tokenizer_name = load_base(run_config['base'])
+    tokenizer = data.get_tokenizer(tokenizer_name)
+    encoded = data.encode_sft(rows, tokenizer, base.config.block_size)
     kinds = {kind: [i for i, row in enumerate(rows) if row['kind'] == kind] for kind in ('conflicting', 'consistent')}
     watched = {kind: data.sft_batch(encoded, indices, tokenizer.eot_token) for kind, indices in kinds.items()}
     record = dict(step=[], alpha=[], conflicting=[], consistent=[])
