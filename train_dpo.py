@@ -27,7 +27,7 @@ import data
 import plots
 from checkpoint import load_base, load_ensemble, read_resume, resume_from, run_base
 from config import UserError, parse_args, run_script
-from evaluate import dpo_report, group_masks, pair_logprobs, reward_margins, score_pairs
+from evaluate_dpo import dpo_report, group_masks, pair_logprobs, reward_margins, score_pairs
 from lora import lora_parameters
 from renyi_lora import alpha_at, check_alpha, dpo_logp, renyi_loss
 from trainer import check_settings, train_loop

@@ -16,7 +16,7 @@ import train_sft
 import trainer
 from checkpoint import base_fingerprint
 from config import UserError
-from evaluate import pair_logprobs, report_group, reward_margins, score_pairs
+from evaluate_dpo import pair_logprobs, report_group, reward_margins, score_pairs
 from lora import add_lora, lora_parameters, lora_state_dict
 from model import GPT, GPTConfig
 from renyi_lora import dpo_logp, dpo_loss, renyi_loss, responsibilities
