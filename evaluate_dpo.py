@@ -52,25 +52,51 @@ def reward_margins(model, encoded, reference_logps, pad_id, beta, label_smoothin
     return chosen_rewards - rejected_rewards, logp
 
 
+def pair_preference_variance(margins):
+    """The members' disagreement about each pair: the variance across members of their preference probability.
+
+    v(x) = (1/M) sum_m (p_m(x) - mean_k p_k(x))^2,   p_m(x) = sigmoid(beta * h_m(x))      (M, N) -> (N,)
+    In [0, 0.25]. Computed in float64: where every member is sure, every p_m(x) is near 1 and v(x) is tiny.
+    """
+    preference = torch.sigmoid(margins.double())                                 # (M, N)
+    return preference.var(dim=0, unbiased=False)                                 # (N,)
+
+
+def preference_variance(margins, contested, consensus):
+    """Mean v(x) (pair_preference_variance) over contested and over consensus pairs, and contested / consensus.
+
+    margins (M, N) = beta * h_m(x); contested, consensus (N,) boolean masks. Returns {contested, consensus, ratio},
+    each None where the data cannot tell: one member (v = 0 by construction), no pair of a kind, a zero consensus mean.
+    """
+    variance = pair_preference_variance(margins)                                 # (N,)
+    means = {kind: variance[mask].mean().item() if margins.shape[0] > 1 and mask.any() else None
+             for kind, mask in (('contested', contested), ('consensus', consensus))}
+    ratio = means['contested'] / means['consensus'] if None not in means.values() and means['consensus'] > 0 else None
+    return means | dict(ratio=ratio)
+
+
 def dpo_report(model, encoded, rows, reference_logps, pad_id, alpha, beta, label_smoothing=0.0, batch_size=32):
-    """Per-group preference accuracy of each member and of the ensemble, margins, routing and auroc_contested.
+    """Per-group preference accuracy of each member and of the ensemble, margins, routing, auroc_contested and
+    preference_variance.
 
     Returns (report dict, {group: margins (M, n) of its pairs}). A pair counts as correct when
     its implied reward margin beta * h_m(x) is > 0. The ensemble's margin is the mean of the
     members' margins. Member disagreement on a pair is the standard deviation of the members'
     margins; auroc_contested asks how well it separates contested from consensus pairs (null
-    without both kinds).
+    without both kinds). preference_variance compares the members' disagreement about the preference
+    probability sigmoid(beta * h_m(x)) on contested and on consensus pairs.
     """
     margins, logp = reward_margins(model, encoded, reference_logps, pad_id, beta, label_smoothing, batch_size)
     columns = group_masks(rows)
     disagreement = margins.std(dim=0, unbiased=False)                              # (N,); 0 when M = 1
-    kinds = [row.get('kind') for row in rows]
+    contested = torch.tensor([row.get('kind') == 'contested' for row in rows])  # (N,)
+    consensus = torch.tensor([row.get('kind') == 'consensus' for row in rows])  # (N,)
     report = dict(
         n_members=margins.shape[0],
         accuracy_by_group={g: (margins[:, c] > 0).float().mean(1).tolist() for g, c in columns.items()},
         ensemble_accuracy_by_group={g: (margins[:, c].mean(0) > 0).float().mean().item() for g, c in columns.items()},
         mean_margin_by_group={g: margins[:, c].mean(1).tolist() for g, c in columns.items()},
         routing=routing_matrix(logp, alpha, [report_group(row) for row in rows]),
-        auroc_contested=safe_auroc(disagreement[torch.tensor([k == 'contested' for k in kinds])],
-                                   disagreement[torch.tensor([k == 'consensus' for k in kinds])]))
+        auroc_contested=safe_auroc(disagreement[contested], disagreement[consensus]),
+        preference_variance=preference_variance(margins, contested, consensus))
     return report, {g: margins[:, c] for g, c in columns.items()}

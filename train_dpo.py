@@ -136,6 +136,7 @@ def train(config):
     report = dict(alpha=config['alpha'], beta=config['beta'], reference=config['reference']) | report
     print_report(report, margins_by_group)
     plots.dpo_plots(config['out_dir'], margins_by_group, report['routing'])
+    torch.save(margins_by_group, os.path.join(config['out_dir'], 'margins.pt'))  # the test pairs' margins, for studies
     train_margins, _ = reward_margins(model, encoded['train'], reference_logps['train'], tokenizer.eot_token,
                                       config['beta'], config['label_smoothing'], config['batch_size'])
     report['train_accuracy_by_group'] = {g: (train_margins[:, mask] > 0).float().mean(1).tolist()
@@ -163,11 +164,14 @@ def validate(model, encoded, reference_logps, pad_id, config, history, it):
 
 
 def print_report(report, margins_by_group):
-    """One line per group: pairs, each member's accuracy, the ensemble's, and the routing."""
+    """One line per group: pairs, each member's accuracy, the ensemble's, and the routing; then preference_variance."""
     print(f"{'group':>18} {'pairs':>5}  accuracy per member (ensemble)  routing")
     for g, margins in margins_by_group.items():
         print(f"{g:>18} {margins.shape[1]:>5}  " + ' '.join(f"{a:.2f}" for a in report['accuracy_by_group'][g]) +
               f" ({report['ensemble_accuracy_by_group'][g]:.2f})  " + ' '.join(f"{w:.2f}" for w in report['routing'][g]))
+    variance = {key: '–' if value is None else f"{value:.3g}" for key, value in report['preference_variance'].items()}
+    print(f"variance across members of sigmoid(beta * h): contested {variance['contested']}, "
+          f"consensus {variance['consensus']}, ratio {variance['ratio']}")
 
 
 def main(argv):

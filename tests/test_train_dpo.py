@@ -16,7 +16,8 @@ import train_sft
 import trainer
 from checkpoint import base_fingerprint
 from config import UserError
-from evaluate_dpo import pair_logprobs, report_group, reward_margins, score_pairs
+from evaluate_dpo import (pair_logprobs, pair_preference_variance, preference_variance, report_group, reward_margins,
+                          score_pairs)
 from lora import add_lora, lora_parameters, lora_state_dict
 from model import GPT, GPTConfig
 from renyi_lora import dpo_logp, dpo_loss, renyi_loss, responsibilities
@@ -115,6 +116,52 @@ def test_each_member_is_trained_by_its_responsibility_times_its_own_dpo_gradient
 
 
 # ---------------------------------------------------------------------------
+# preference_variance: the members' disagreement about sigmoid(beta * h_m(x))
+
+def loop_preference_variance(margins):
+    """Var_m sigmoid(margin) of each pair (1/M), by plain Python loops over members and pairs."""
+    variances = []
+    for pair in zip(*margins):                                                 # the M margins of one pair
+        probabilities = [1 / (1 + math.exp(-margin)) for margin in pair]
+        mean = sum(probabilities) / len(probabilities)
+        variances.append(sum((p - mean) ** 2 for p in probabilities) / len(probabilities))
+    return variances
+
+
+def test_preference_variance_matches_hand_computed_values():
+    # pair 0: members at margins +-log 3, so p = 3/4 and 1/4, variance (1/4)^2 = 1/16; pair 1: both at 0, variance 0;
+    # pair 2: p = 1/2 and 3/4, variance (1/8)^2 = 1/64
+    margins = torch.tensor([[math.log(3), 0.0, 0.0], [-math.log(3), 0.0, math.log(3)]])      # (M=2, N=3)
+    expected = torch.tensor([1 / 16, 0, 1 / 64], dtype=torch.float64)
+    torch.testing.assert_close(pair_preference_variance(margins), expected)
+    contested, consensus = torch.tensor([True, True, False]), torch.tensor([False, False, True])
+    summary = preference_variance(margins, contested, consensus)
+    assert summary == pytest.approx(dict(contested=1 / 32, consensus=1 / 64, ratio=2.0), rel=1e-6)
+
+
+def test_preference_variance_matches_a_plain_loop():
+    margins = 6 * torch.randn(3, 10, generator=torch.Generator().manual_seed(0))         # (M=3, N=10)
+    contested = torch.arange(10) < 4
+    expected = loop_preference_variance(margins.tolist())
+    torch.testing.assert_close(pair_preference_variance(margins), torch.tensor(expected, dtype=torch.float64))
+    summary = preference_variance(margins, contested, ~contested)
+    assert summary['contested'] == pytest.approx(sum(expected[:4]) / 4, rel=1e-12)
+    assert summary['consensus'] == pytest.approx(sum(expected[4:]) / 6, rel=1e-12)
+    assert summary['ratio'] == pytest.approx(summary['contested'] / summary['consensus'], rel=1e-12)
+
+
+def test_preference_variance_is_null_where_the_data_cannot_tell():
+    contested = torch.tensor([True, False])
+    none = dict(contested=None, consensus=None, ratio=None)
+    assert preference_variance(torch.tensor([[2.0, -1.0]]), contested, ~contested) == none          # one member
+    no_consensus = preference_variance(torch.tensor([[2.0, 1.0], [0.0, 1.0]]), torch.tensor([True, True]),
+                                       torch.tensor([False, False]))
+    assert no_consensus['consensus'] is None and no_consensus['ratio'] is None and no_consensus['contested'] > 0
+    agreeing = preference_variance(torch.tensor([[2.0, 1.0], [0.0, 1.0]]), contested, ~contested)  # consensus v = 0
+    assert agreeing['consensus'] == 0 and agreeing['ratio'] is None
+
+
+# ---------------------------------------------------------------------------
 # train_dpo.py on a tiny base and a tiny SFT run
 
 SFT_ROWS = [("What is 2 plus 3?", " 5"), ("What is 4 plus 4?", " 8"), ("What is the capital of France?", " Paris"),
@@ -189,6 +236,10 @@ def test_tiny_run_learns_its_training_pairs_and_writes_report_and_plots(files, t
     assert set(saved["routing"]) == set(saved["ensemble_accuracy_by_group"]) == set(saved["accuracy_by_group"])
     assert all(sum(w) == pytest.approx(1.0) for w in saved["routing"].values())
     assert isinstance(saved["auroc_contested"], float) and saved["train_seconds"] >= 0
+    test_margins = torch.load(tmp_path / "margins.pt")                          # {group: (M, n)}, the report's pairs
+    contested = torch.cat([m for g, m in test_margins.items() if g.startswith("contested")], dim=1)
+    assert saved["preference_variance"]["contested"] == pytest.approx(
+        sum(loop_preference_variance(contested.tolist())) / contested.shape[1], rel=1e-6)
     with open(tmp_path / "verdict.json") as f:                 # sample.py's thresholds, from the validation pairs' prompts
         assert json.load(f)["n_prompts"] == dict(conflicting=len(CONTESTED), consistent=len(CONSENSUS))
     for name in ("margins", "routing"):
