@@ -33,8 +33,17 @@ def sequence_logprobs(logits, labels, length_normalize=False):
     token_logp = torch.gather(logits.log_softmax(-1), -1, safe_targets.unsqueeze(-1)).squeeze(-1)
     summed = (token_logp * mask).sum(-1)                       # (..., B)
     if length_normalize:
-        summed = summed / mask.sum(-1).clamp(min=1)
+        summed = summed / response_lengths(labels)
     return summed
+
+
+def response_lengths(labels):
+    """|y| of each example: the response tokens that sequence_logprobs sums, at least 1.
+
+    labels: (B, T) as in sequence_logprobs -> (B,) int64. An example without response
+    tokens (log p = 0) counts as 1, so dividing by its length is harmless.
+    """
+    return (labels[..., 1:] != -100).sum(-1).clamp(min=1)
 
 
 def dpo_logp(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
@@ -92,7 +101,7 @@ def predictive_loss(logp):
     return -(torch.logsumexp(logp, dim=0) - math.log(n_members)).mean()
 
 
-def renyi_loss(logp, alpha):
+def renyi_loss(logp, alpha, n_tokens=None):
     """The alpha-Rényi ensemble loss (METHOD.md §2).
 
         l_alpha(x) = (1/alpha) * ( logsumexp_m(alpha * log p_m(x)) - log M )
@@ -103,6 +112,12 @@ def renyi_loss(logp, alpha):
     (2016) variational Rényi bound per example with their order
     alpha_LT = 1 - alpha and no entropy term (point-mass members have none).
 
+    n_tokens (B,), the response lengths |y_i| (response_lengths), routes on the per-token
+    log-likelihood and keeps each example's whole-response scale (METHOD.md §2,
+    "Length-normalised routing"):
+        l(x) = |y| * l_alpha(log p_m(x) / |y|) = l_{alpha/|y|}(x)
+    its gradient is responsibilities(logp, alpha, n_tokens) times d log p_m(x).
+
     Written as the mean plus a centred logsumexp so it is exact at alpha = 0,
     O(alpha) close to it, and stable for log-likelihoods of -1e4 and below:
         l_alpha = mean_m logp + (1/alpha) * log mean_m exp(alpha * (logp - mean_m logp))
@@ -112,37 +127,52 @@ def renyi_loss(logp, alpha):
     alpha = check_alpha(alpha)
     if alpha == 0:
         return vb_loss(logp)
-    logp64 = logp.double()
+    length = 1 if n_tokens is None else n_tokens.double()       # (B,)
+    logp64 = logp.double() / length                             # (M, B)
     mean_logp = logp64.mean(dim=0)                              # (B,)
     centred = alpha * (logp64 - mean_logp)                     # (M, B)
     spread = (torch.logsumexp(centred, dim=0) - math.log(logp.shape[0])) / alpha
-    return -(mean_logp + spread).mean().to(logp.dtype)
+    return -(length * (mean_logp + spread)).mean().to(logp.dtype)
 
 
-def floored_renyi_loss(logp, alpha, floor):
+def floored_renyi_loss(logp, alpha, floor, n_tokens=None):
     """The alpha-Rényi loss with a floor on the routing: a share `floor` of every example's
     gradient is spread evenly over the members.
 
-        loss = (1 - floor) * renyi_loss(logp, alpha) + floor * vb_loss(logp)
+        loss = (1 - floor) * renyi_loss(logp, alpha, n_tokens) + floor * vb_loss(logp)
         d loss / d log p_m(x_i) = -(1/B) * [ (1 - floor) * w_m(x_i) + floor / M ]
 
-    logp: (M, B) -> scalar. floor = 0 is renyi_loss; floor = 1 is vb_loss. No member's
-    share of the training signal falls below floor / M, so none can starve.
+    logp: (M, B) -> scalar; n_tokens: None or (B,), as in renyi_loss. floor = 0 is
+    renyi_loss; floor = 1 is vb_loss. No member's share of the training signal falls
+    below floor / M, so none can starve.
     """
     if floor == 0:
-        return renyi_loss(logp, alpha)
-    return (1 - floor) * renyi_loss(logp, alpha) + floor * vb_loss(logp)
+        return renyi_loss(logp, alpha, n_tokens)
+    return (1 - floor) * renyi_loss(logp, alpha, n_tokens) + floor * vb_loss(logp)
 
 
-def responsibilities(logp, alpha):
+def responsibilities(logp, alpha, n_tokens=None):
     """Soft routing weights w_m(x) = softmax_m(alpha * log p_m(x)).
 
     logp: (M, B) -> (M, B), each column sums to one. The gradient of
     l_alpha(x) w.r.t. member m is w_m(x) times member m's own gradient, so these
     weights say which members each example trains. alpha = 0 routes uniformly.
+    With n_tokens (B,), the per-token weights of length-normalised routing:
+        w_m(x) = softmax_m(alpha * log p_m(x) / |y|)
     """
     alpha = check_alpha(alpha)
-    return torch.softmax(alpha * logp, dim=0)
+    return torch.softmax(alpha * (logp if n_tokens is None else logp / n_tokens), dim=0)
+
+
+def responsibility_entropy(weights):
+    """How many members share each example, as the entropy of its responsibilities:
+
+        H(w(x)) = -sum_m w_m(x) log w_m(x)
+
+    weights: (M, B) columns summing to one -> (B,), in nats: log M when the example
+    trains every member alike, 0 when it trains one member alone.
+    """
+    return -(weights * weights.clamp_min(1e-30).log()).sum(0)
 
 
 def posterior_weights(prefix_logp):

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from renyi_lora import (alpha_at, auroc, ece, expected_entropy, floored_renyi_loss, label_smoothed_nll,
                         mutual_information, predictive_entropy, predictive_loss, prior_penalty, renyi_loss,
-                        responsibilities, sequence_logprobs, ual_smoothing, vb_loss)
+                        response_lengths, responsibilities, responsibility_entropy, sequence_logprobs, ual_smoothing,
+                        vb_loss)
 
 
 def reference_l_alpha(column, alpha):
@@ -75,6 +76,60 @@ def test_responsibilities_are_a_softmax_over_members_summing_to_one():
     very_negative = torch.tensor([[-1e4], [-1e4 + 2.0]], dtype=torch.float32)  # (2, 1)
     expected_second = 1 / (1 + math.exp(-2.0))
     assert responsibilities(very_negative, 1.0)[1, 0].item() == pytest.approx(expected_second, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# length-normalised routing: the order alpha / |y| per example
+
+N_TOKENS = torch.tensor([1, 3, 10, 60, 2, 45])                  # (B,) response lengths
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_length_normalised_loss_is_the_renyi_loss_of_order_alpha_over_length(alpha):
+    logp = (20 * moderate_logp()).requires_grad_()             # (M, B): whole responses, tens of nats
+    loss = renyi_loss(logp, alpha, N_TOKENS)
+    (grad,) = torch.autograd.grad(loss, logp)
+    columns = logp.detach().t().tolist()
+    expected = -math.fsum(reference_l_alpha(c, alpha / n) for c, n in zip(columns, N_TOKENS.tolist())) / len(columns)
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    plain_logp = logp.detach().clone().requires_grad_()         # the closed form |y| l_alpha(logp / |y|), autograd
+    plain = -(N_TOKENS / alpha * torch.log(torch.exp(alpha * plain_logp / N_TOKENS).mean(0))).mean()
+    (plain_grad,) = torch.autograd.grad(plain, plain_logp)
+    torch.testing.assert_close(grad, plain_grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, -responsibilities(logp.detach(), alpha, N_TOKENS) / len(columns))
+
+
+def test_length_normalised_loss_keeps_the_ends_and_length_one():
+    logp = 20 * moderate_logp()
+    assert torch.equal(renyi_loss(logp, 0, N_TOKENS), vb_loss(logp))          # order 0: nothing to normalise
+    ones = torch.ones(logp.shape[1], dtype=torch.long)
+    assert renyi_loss(logp, 1.5, ones).item() == pytest.approx(renyi_loss(logp, 1.5).item(), abs=1e-12)
+    same = logp[:1].expand(4, -1)                               # identical members: l(x) = log p(x) at any order
+    assert renyi_loss(same, 2.0, N_TOKENS).item() == pytest.approx(vb_loss(same).item(), abs=1e-9)
+
+
+def test_length_normalised_responsibilities_by_hand():
+    logp = torch.tensor([[-30.0, -2.0], [-36.0, -2.0]], dtype=torch.float64)  # (M=2, B=2)
+    weights = responsibilities(logp, 2.0, torch.tensor([60, 1]))
+    first = 1 / (1 + math.exp(2.0 * (-36.0 + 30.0) / 60))       # 6 nats over 60 tokens: order 2/60
+    torch.testing.assert_close(weights, torch.tensor([[first, 0.5], [1 - first, 0.5]], dtype=torch.float64))
+    assert responsibilities(logp, 2.0)[0, 0].item() == pytest.approx(1 / (1 + math.exp(-12.0)), abs=1e-15)
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.3])
+def test_floored_length_normalised_loss_routes_per_token(floor):
+    logp = (20 * moderate_logp()).requires_grad_()
+    floored_renyi_loss(logp, 2.0, floor, N_TOKENS).backward()
+    n_members, batch = logp.shape
+    per_token = torch.softmax(2.0 * logp.detach() / N_TOKENS, 0)
+    torch.testing.assert_close(logp.grad, -((1 - floor) * per_token + floor / n_members) / batch)
+
+
+def test_responsibility_entropy_hand_values():
+    weights = torch.tensor([[0.25, 1.0, 0.5, 0.7], [0.25, 0.0, 0.5, 0.1], [0.25, 0.0, 0.0, 0.1],
+                            [0.25, 0.0, 0.0, 0.1]], dtype=torch.float64)    # (M=4, B=4)
+    expected = [math.log(4), 0.0, math.log(2), -(0.7 * math.log(0.7) + 3 * 0.1 * math.log(0.1))]
+    torch.testing.assert_close(responsibility_entropy(weights), torch.tensor(expected, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------
@@ -221,6 +276,13 @@ def test_sequence_logprobs_returns_float32(dtype):
     assert out.dtype == torch.float32
     expected = torch.tensor(slow_sequence_logprobs(logits, labels))  # from the same (rounded) logits
     torch.testing.assert_close(out.double(), expected.double(), rtol=0, atol=1e-5)
+
+
+def test_response_lengths_count_what_sequence_logprobs_sums():
+    logits, labels = tiny_batch()
+    assert response_lengths(labels).tolist() == [3, 5, 1]       # 3 and 5 response tokens; none counts as 1
+    torch.testing.assert_close(sequence_logprobs(logits, labels, length_normalize=True),
+                               sequence_logprobs(logits, labels) / response_lengths(labels))
 
 
 # ---------------------------------------------------------------------------
