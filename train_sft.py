@@ -14,6 +14,7 @@ At the end it evaluates the ensemble on held-out prompts and writes
 out_dir/report.json and PNG plots, and sample.py's verdict thresholds to out_dir/verdict.json.
 """
 import json
+import math
 import os
 
 import torch
@@ -27,7 +28,7 @@ from evaluate import (member_shares, noise_routing, rescaled_epistemic, routing_
                       starved_members)
 from lora import add_lora, clone_member, lora_parameters
 from renyi_lora import (alpha_at, check_alpha, floored_renyi_loss, label_smoothed_nll, prior_penalty,
-                        responsibilities, sequence_logprobs, ual_smoothing)
+                        response_lengths, responsibilities, responsibility_entropy, sequence_logprobs, ual_smoothing)
 from trainer import check_settings, learning_rate, setup_distributed, train_loop
 from verdict import held_out_thresholds
 
@@ -51,6 +52,8 @@ defaults = dict(
     alpha_ramp_iters=250,   # reach alpha at this iter (0: from the first step), renyi_lora.alpha_at ...
     alpha_hold_iters=125,   # ... rising linearly from 0 after holding it at 0 for these first iters, so that every
                             # member fits every example before routing sharpens. why: RESULTS.md §9
+    length_normalise=False,  # route by the per-token log p_m(x) / |y|, so each example's order is alpha / |y|
+                             # (renyi_loss with n_tokens; METHOD.md §2, "Length-normalised routing")
     lora_rank=8,
     lora_alpha=16.0,        # LoRA scaling is lora_alpha / lora_rank
     sigma_p=1.0,            # prior N(0, sigma_p^2) on the LoRA parameters
@@ -88,6 +91,8 @@ def read_inputs(config):
     resume or None)."""
     check_settings(config, positive=('n_members', 'lora_rank'))
     check_alpha(config['alpha'])
+    if not isinstance(config['length_normalise'], bool):
+        raise UserError(f"length_normalise must be true or false, got {config['length_normalise']!r}")
     if config['ual_source'] not in ('', 'data', 'ensemble'):
         raise UserError(f"ual_source must be '', 'data' or 'ensemble', got {config['ual_source']!r}")
     rows = data.load_sft_rows(config['data'], config['val_data'], config['ood_data'], config['val_fraction'],
@@ -149,8 +154,10 @@ def train(config, lr_schedule=learning_rate, on_step=None):
     optimizer = torch.optim.AdamW(params, lr=config['learning_rate'], weight_decay=config['weight_decay'])
     routed = torch.zeros(config['n_members'])   # responsibilities summed over the batches since the last eval
     since_check = torch.zeros(config['n_members'])  # ... and since the last revive check
-    running = dict(routed=routed, since_check=since_check)   # checkpointed, so that a resumed run continues them
-    start, history = 0, dict(iter=[], loss=[], val_iter=[], val_nll=[], member_share=[])
+    routed_entropy = torch.zeros(())            # the entropies of the routed examples' w(x), summed since the last eval
+    # checkpointed, so that a resumed run continues them
+    running = dict(routed=routed, since_check=since_check, routed_entropy=routed_entropy)
+    start, history = 0, dict(iter=[], loss=[], val_iter=[], val_nll=[], member_share=[], routing_entropy=[])
     ckpt_path = os.path.join(config['out_dir'], 'ckpt.pt')
     if resume is not None:
         start, history = resume_from(resume, ckpt_path, model, optimizer, config, running)
@@ -163,10 +170,13 @@ def train(config, lr_schedule=learning_rate, on_step=None):
         else:  # UAL: the smoothed NLL takes the place of -log p_m(x)
             logp = -label_smoothed_nll(forward(idx), labels, smoothing[indices].to(device))
         alpha = alpha_at(it, config['alpha'], config['alpha_ramp_iters'], config['alpha_hold_iters'])
-        routing = responsibilities(logp.detach(), alpha).sum(1).cpu()
+        n_tokens = response_lengths(labels) if config['length_normalise'] else None      # (B,) or None
+        weights = responsibilities(logp.detach(), alpha, n_tokens)                        # (M, B)
+        routing = weights.sum(1).cpu()
         routed.add_(routing)
         since_check.add_(routing)
-        return floored_renyi_loss(logp, alpha, config['routing_floor']) + prior_penalty(
+        routed_entropy.add_(responsibility_entropy(weights).sum().cpu())
+        return floored_renyi_loss(logp, alpha, config['routing_floor'], n_tokens) + prior_penalty(
             params, len(train_set), config['n_members'], config['sigma_p'], config['prior_weight'])
 
     def after_step(done, model):
@@ -181,8 +191,9 @@ def train(config, lr_schedule=learning_rate, on_step=None):
 
     def validate_and_watch_routing(it):
         validate(model, tokenizer, val_rows, config, history, it)
-        watch_routing(routed, history)
+        watch_routing(routed, routed_entropy, history)
         routed.zero_()
+        routed_entropy.zero_()
 
     batches = (indices[rank::world_size]                                   # this process's share of each batch
                for indices in data.shuffled_batches(len(train_set), config['batch_size'], config['seed']))
@@ -229,15 +240,21 @@ def validate(model, tokenizer, val_rows, config, history, it):
             print(f"  routing {group:>12}: " + ' '.join(f"{w:.2f}" for w in weights))
 
 
-def watch_routing(routed, history):
-    """Log each member's share of the responsibility since the last eval; warn when a member starves.
+def watch_routing(routed, routed_entropy, history):
+    """Log each member's share of the responsibility since the last eval, and how sharp the routing was; warn when a
+    member starves.
 
-    A starved member (share < 1/(4M)) receives almost no gradient: it stops learning, and
-    the ensemble's uncertainty then partly measures its neglect, not the data.
+    routed (M,) sums the responsibilities w(x) over the examples since the eval, routed_entropy the entropy of each
+    w(x) (responsibility_entropy). Their mean entropy is log M when every example trained every member alike, 0 when
+    each trained one member alone. A starved member (share < 1/(4M)) receives almost no gradient: it stops
+    learning, and the ensemble's uncertainty then partly measures its neglect, not the data.
     """
     shares = routed / routed.sum().clamp_min(1e-12)
-    history.setdefault('member_share', []).append(shares.tolist())   # absent in older checkpoints
-    print("  member share " + ' '.join(f"{share:.2f}" for share in shares.tolist()))
+    entropy = (routed_entropy / routed.sum().clamp_min(1e-12)).item()  # each w(x) sums to 1: routed.sum() counts x
+    history.setdefault('member_share', []).append(shares.tolist())   # both absent in older checkpoints
+    history.setdefault('routing_entropy', []).append(entropy)
+    print("  member share " + ' '.join(f"{share:.2f}" for share in shares.tolist())
+          + f", routing entropy {entropy:.3f} nats (log M = {math.log(len(shares)):.3f})")
     starved = starved_members(shares)
     if starved:
         print(f"warning: member(s) {', '.join(map(str, starved))} starved: below {0.25 / len(shares):.3f} of the "

@@ -157,6 +157,48 @@ def test_tiny_run_lowers_the_loss_and_writes_report_and_plots(files, tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# length-normalised routing and the logged routing entropy
+
+def test_length_normalise_routes_per_token_and_logs_the_mean_routing_entropy(files, tmp_path):
+    """history['routing_entropy'] against the entropy of softmax_m(alpha * log p_m(x) / |y|), recomputed by hand from
+    the adapters each step started from and the batches the seeded order gave it, averaged over each eval's window."""
+    config = tiny_config(files, tmp_path, max_iters=4, eval_interval=2, alpha_hold_iters=0, alpha_ramp_iters=0,
+                         length_normalise=True)
+    states = {0: None}                                                  # step -> adapters it started from
+
+    def keep_adapters(done, model):
+        states[done] = {name: t.clone() for name, t in lora_state_dict(model).items()}
+
+    train_sft.train(config, on_step=keep_adapters)
+    history = torch.load(tmp_path / "ckpt.pt", weights_only=False)["history"]
+    train_rows = load_rows(config)[0]
+    batches = data.shuffled_batches(len(train_rows), config["batch_size"], config["seed"])
+    model, tokenizer_name = load_base(config["base"], config["device"])
+    add_lora(model, config["n_members"], config["lora_rank"], config["lora_alpha"])   # B = 0: step 0's members
+    tokenizer = data.get_tokenizer(tokenizer_name)
+    per_token, summed = [], []                                          # entropy of every routed example, by step
+    for step in range(config["max_iters"]):
+        if states[step] is not None:
+            model.load_state_dict(states[step], strict=False)
+        scores = score_rows(model, tokenizer, [train_rows[i] for i in next(batches)], config["batch_size"])
+        for column, n_tokens in zip(scores["logp"].t().tolist(), scores["n_tokens"].tolist()):
+            for entropies, length in ((per_token, n_tokens), (summed, 1)):
+                exps = [math.exp(config["alpha"] * (v - max(column)) / length) for v in column]
+                entropies.append(-sum(e / sum(exps) * math.log(e / sum(exps)) for e in exps))
+    window = len(per_token) // 2
+    expected = [sum(per_token[:window]) / window, sum(per_token[window:]) / window]
+    assert history["routing_entropy"] == pytest.approx(expected, abs=1e-4)
+    assert expected[1] < math.log(2) - 1e-3                             # the members differ by then ...
+    assert sum(summed[window:]) / window < expected[1] - 1e-3          # ... and the per-token routing is the flatter
+
+
+def test_length_normalise_must_be_a_bool(files, tmp_path):
+    with pytest.raises(ValueError, match=re.escape("length_normalise must be true or false, got 'yes'")):
+        train_sft.train(tiny_config(files, tmp_path / "never", length_normalise="yes"))
+    assert not (tmp_path / "never").exists()
+
+
+# ---------------------------------------------------------------------------
 # resume
 
 def test_ctrl_c_checkpoints_the_step_and_resume_continues_exactly(files, tmp_path):
