@@ -133,3 +133,31 @@ def comparison_plots(out_dir, results):
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, f'{name}.png'), dpi=90)
         plt.close(fig)
+
+
+def disagreement_plot(path, runs):
+    """Write to path a box plot per run of the per-pair variance across members of sigmoid(beta * h_m(x)),
+    contested pairs beside consensus pairs, on a log scale (the two differ by orders of magnitude).
+
+    runs: [(label, {'contested': [v(x) per pair], 'consensus': [...]})], as evaluate_dpo.pair_preference_variance.
+    A variance of 0 (members that agree exactly) cannot sit on a log scale; it is drawn at the axis' floor.
+    """
+    floor = 1e-12
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(runs)), 4))
+    for offset, kind, colour in ((-0.18, 'contested', 'C3'), (0.18, 'consensus', 'C0')):
+        values = [np.maximum(variances[kind], floor) for _, variances in runs]
+        positions = np.arange(len(runs)) + offset
+        boxes = ax.boxplot(values, positions=positions, widths=0.3, whis=(5, 95), showfliers=False, patch_artist=True)
+        plt.setp(boxes['boxes'], facecolor=colour, alpha=0.4)
+        for position, run_values in zip(positions, values):
+            ax.plot(np.full(len(run_values), position), run_values, '.', color=colour, ms=2, alpha=0.5)
+        ax.plot(positions, [np.mean(v) for v in values], 'D', color=colour, ms=5, label=f'{kind} (diamond: mean)')
+    ax.set_yscale('log')
+    ax.set_xticks(range(len(runs)), [label for label, _ in runs], fontsize=8)
+    ax.set_ylabel('Var over members of sigmoid(beta * h)')
+    ax.set_title('members\' disagreement per held-out pair (box: quartiles, whiskers 5-95%)', fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,140 @@
+"""
+Do DPO members disagree more where annotators disagree? train_dpo.py from the SFT run of each seed at
+each alpha, and for every run the variance across members of the preference probability
+sigmoid(beta * h_m(x)) on the held-out pairs (METHOD.md §6, evaluate_dpo.preference_variance): its
+mean over contested pairs, over consensus pairs, and the ratio of the two, beside the report's
+auroc_contested and each group's best member accuracy.
+
+    python dpo_disagreement.py                               # alpha 0.8, 0, 3 x seeds 1337, 1, 2
+    python dpo_disagreement.py --alphas=3 --seeds=1337 --sft_dirs=out/sft
+    python dpo_disagreement.py --max_iters=100               # any train_dpo.py key applies to every run
+    python dpo_disagreement.py --train=false                 # the table and figure of the runs that have finished
+    python dpo_disagreement.py --help                        # these keys; train_dpo.py --help lists the others
+
+The SFT run of seed S is sft_dirs with {seed} replaced by S; the default ones are
+`python train_sft.py --seed=S --out_dir=out/seq/hold_seedS`. The DPO run of (alpha, S) is
+study_dir/a<alpha>_seed<S>, trained with --seed=S; one whose report.json and margins.pt exist
+is not trained again. Writes study_dir/results.json, study_dir/table.md and the figure `plot`.
+"""
+import json
+import os
+
+import torch
+
+import plots
+import train_dpo
+from config import UserError, parse_args, run_script
+from evaluate_dpo import pair_preference_variance
+from renyi_lora import check_alpha
+
+STUDY = dict(alphas='0.8,0,3', seeds='1337,1,2',
+             sft_dirs='out/seq/hold_seed{seed}',     # the SFT run each seed's DPO runs start from
+             study_dir='out/dpo_var', plot='assets/dpo_disagreement.png',
+             train=True)                             # --train=false: only tabulate the runs that have finished
+
+PER_RUN = dict(alpha='--alphas', seed='--seeds', sft_dir='--sft_dirs', out_dir='--study_dir')  # train_dpo.py keys the study sets
+
+
+def parse_list(key, text, kind):
+    """The comma-separated values of --key as `kind` (int or check_alpha), or UserError naming the key."""
+    try:
+        values = [kind(item) for item in text.split(',')]
+    except ValueError as error:   # check_alpha's UserError is a ValueError too
+        raise UserError(f"--{key}={text}: expected comma-separated values ({error})") from None
+    if len(set(values)) < len(values):
+        raise UserError(f"--{key}={text}: a value appears twice")
+    return values
+
+
+def sft_dir_of(pattern, seed):
+    """The SFT run of one seed, which must hold a ckpt.pt; UserError otherwise."""
+    try:
+        sft_dir = pattern.format(seed=seed)
+    except (KeyError, IndexError, ValueError):
+        raise UserError(f"--sft_dirs={pattern}: expected a directory, with {{seed}} where the seed goes") from None
+    if not os.path.isfile(os.path.join(sft_dir, 'ckpt.pt')):
+        raise UserError(f"--sft_dirs: {sft_dir}/ckpt.pt not found; train it with "
+                        f"`python train_sft.py --seed={seed} --out_dir={sft_dir}`")
+    return sft_dir
+
+
+def run(config, alpha, seed, sft_dir, study_dir, train=True):
+    """(report, {group: test margins (M, n)}) of one DPO run, trained unless it exists; None when not run."""
+    out_dir = os.path.join(study_dir, f'a{alpha:g}_seed{seed}')
+    paths = [os.path.join(out_dir, name) for name in ('report.json', 'margins.pt')]
+    if not all(os.path.exists(path) for path in paths):
+        if not train:
+            return None
+        print(f"== alpha {alpha:g} / seed {seed}", flush=True)
+        train_dpo.train(config | dict(alpha=alpha, seed=seed, sft_dir=sft_dir, out_dir=out_dir))
+    with open(paths[0]) as f:
+        report = json.load(f)
+    return report, torch.load(paths[1])
+
+
+def variance_by_kind(margins_by_group):
+    """{'contested': [v(x)], 'consensus': [v(x)]} per held-out pair, v(x) = Var_m sigmoid(beta * h_m(x))."""
+    kinds = {'contested': [m for g, m in margins_by_group.items() if g.startswith('contested')],
+             'consensus': [m for g, m in margins_by_group.items() if g == 'consensus']}
+    return {kind: pair_preference_variance(torch.cat(margins, dim=1)).tolist() if margins else []
+            for kind, margins in kinds.items()}
+
+
+def row(alpha, seed, report):
+    """The table's numbers of one run: preference_variance, auroc_contested and each group's best member accuracy."""
+    return dict(alpha=alpha, seed=seed, **report['preference_variance'], auroc_contested=report['auroc_contested'],
+                best_member_accuracy={g: max(a) for g, a in report['accuracy_by_group'].items()})
+
+
+def table(rows):
+    """Markdown: a line per run, then per alpha the mean over its seeds (ratio: of the two means)."""
+    groups = sorted({g for r in rows for g in r['best_member_accuracy']})
+    show = lambda value, spec: '–' if value is None else format(value, spec)  # noqa: E731
+    lines = ['| alpha | seed | Var contested | Var consensus | ratio | auroc_contested | ' +
+             ' | '.join(f'best member acc {g}' for g in groups) + ' |', '|---' * (6 + len(groups)) + '|']
+    for alpha in dict.fromkeys(r['alpha'] for r in rows):
+        runs = [r for r in rows if r['alpha'] == alpha]
+        for r in runs:
+            lines.append(f"| {alpha:g} | {r['seed']} | {show(r['contested'], '.3g')} | {show(r['consensus'], '.3g')} | "
+                         f"{show(r['ratio'], '.3g')} | {show(r['auroc_contested'], '.2f')} | " +
+                         ' | '.join(show(r['best_member_accuracy'].get(g), '.2f') for g in groups) + ' |')
+        means = {kind: sum(r[kind] for r in runs) / len(runs) if all(r[kind] is not None for r in runs) else None
+                 for kind in ('contested', 'consensus')}
+        ratio = means['contested'] / means['consensus'] if None not in means.values() and means['consensus'] else None
+        lines.append(f"| {alpha:g} | mean of {len(runs)} | {show(means['contested'], '.3g')} | "
+                     f"{show(means['consensus'], '.3g')} | {show(ratio, '.3g')} | |" + ' |' * len(groups))
+    return '\n'.join(lines)
+
+
+def main(argv):
+    if '--help' in argv or '-h' in argv:
+        parse_args(STUDY, ['--help'])        # this docstring and the study's keys; train_dpo.py --help lists the rest
+    study_keys = [a for a in argv if a.split('=')[0][2:] in STUDY]
+    study = parse_args(STUDY, study_keys)
+    config = parse_args(train_dpo.defaults, [a for a in argv if a not in study_keys])
+    for key, instead in PER_RUN.items():
+        if any(a.startswith(f'--{key}=') for a in argv):
+            raise UserError(f"--{key}: the study sets it for every run; use {instead}")
+    alphas = parse_list('alphas', study['alphas'], check_alpha)
+    seeds = parse_list('seeds', study['seeds'], int)
+    sft_dirs = {seed: sft_dir_of(study['sft_dirs'], seed) for seed in seeds}   # every input checked before training
+    rows, panels = [], []
+    for alpha in alphas:
+        for seed in seeds:
+            result = run(config, alpha, seed, sft_dirs[seed], study['study_dir'], study['train'])
+            if result is not None:
+                rows.append(row(alpha, seed, result[0]))
+                panels.append((f'α={alpha:g}\nseed {seed}', variance_by_kind(result[1])))
+    if not rows:
+        raise UserError(f"--train=false: no finished run in {study['study_dir']}; drop --train=false to train them")
+    text = table(rows)
+    with open(os.path.join(study['study_dir'], 'results.json'), 'w') as f:
+        json.dump(rows, f, indent=2)
+    with open(os.path.join(study['study_dir'], 'table.md'), 'w') as f:
+        f.write(text + '\n')
+    plots.disagreement_plot(study['plot'], panels)
+    print(text + f"\nwrote {study['study_dir']}/table.md, {study['study_dir']}/results.json and {study['plot']}")
+
+
+if __name__ == '__main__':
+    run_script(main)
