@@ -32,6 +32,7 @@ from config import parse_args, run_script
 from evaluate import calibration, markdown_table, sft_report
 from lora import add_lora
 from swag import SWAGCollector, sample_members, swag_learning_rate
+from verdict import answers_by_kind
 
 defaults = train_sft.defaults | dict(
     compare_dir='out/compare',
@@ -97,8 +98,9 @@ def swag_row(name, run, source, swags, tokenizer, test_rows, ood_rows):
     swag_run = method_config(run, name, dict(n_members=model.n_members))
     os.makedirs(swag_run['out_dir'], exist_ok=True)
     history = torch.load(os.path.join(run['out_dir'], 'ckpt.pt'), weights_only=False)['history']
+    answers = answers_by_kind(model, tokenizer, test_rows, swag_run['max_new_tokens'], swag_run['batch_size'])
     report, readouts = sft_report(model, tokenizer, test_rows, ood_rows, swag_run['alpha'], swag_run['batch_size'],
-                                  swag_run['max_new_tokens'], swag_run['n_samples'], swag_run['seed'])
+                                  swag_run['max_new_tokens'], swag_run['n_samples'], swag_run['seed'], answers)
     plots.sft_plots(swag_run['out_dir'], history, report, readouts['by_kind'], readouts['scores'])
     report |= table_metrics(test_rows, readouts)
     return label, report, readouts

@@ -330,10 +330,55 @@ def per_prompt_mean(scores, rows):
     return {prompt: total / count for prompt, (total, count) in sums.items()}
 
 
+def by_kind_of(score_of_prompt, kind_of):
+    """Per-prompt scores {prompt: score} grouped by the prompts' kinds: {kind: [score, ...]}, kinds sorted."""
+    return {kind: [score for prompt, score in score_of_prompt.items() if kind_of[prompt] == kind]
+            for kind in sorted(set(kind_of.values()))}
+
+
+def kind_aurocs(epistemic, aleatoric, disagreement):
+    """Which uncertainty tells which kind of prompt apart (METHOD.md §6), each a {kind: [per-prompt score]}:
+
+      auroc_conflict                       epistemic per token: conflicting above consistent
+      auroc_conflict_answers               disagreement about whole answers: conflicting above consistent
+      auroc_conflict_vs_ambiguous          epistemic per token: conflicting above high-entropy
+      auroc_conflict_vs_ambiguous_answers  disagreement: conflicting above high-entropy
+      auroc_ambiguous_aleatoric            aleatoric per token: high-entropy above conflicting
+    Conflict should read as epistemic, ambiguity (many acceptable answers) as aleatoric. Null where a kind is missing.
+    """
+    pair = lambda scores, high, low: safe_auroc(scores.get(high, []), scores.get(low, []))
+    return dict(auroc_conflict=pair(epistemic, 'conflicting', 'consistent'),
+                auroc_conflict_answers=pair(disagreement, 'conflicting', 'consistent'),
+                auroc_conflict_vs_ambiguous=pair(epistemic, 'conflicting', 'high_entropy'),
+                auroc_conflict_vs_ambiguous_answers=pair(disagreement, 'conflicting', 'high_entropy'),
+                auroc_ambiguous_aleatoric=pair(aleatoric, 'high_entropy', 'conflicting'))
+
+
+def answer_readouts(answers, rows):
+    """What the members' own greedy answers tell, from verdict.answers_by_kind's {kind: [answer]} on rows:
+
+      disagreement         {prompt: mutual information between member and whole answer} (verdict.disagreement)
+      member_accuracy      [share of consistent prompts member m answers acceptably], one per member
+      greedy_correct       {prompt: 1 or 0}: is the ensemble's answer (sequence mixture) acceptable
+    """
+    rows_of = {}
+    for row in rows:
+        rows_of.setdefault(row['prompt'], []).append(row)
+    correct = lambda prompt, text: int(any(benchmark.is_correct(row, text) for row in rows_of[prompt]))
+    every = [answer for kind_answers in answers.values() for answer in kind_answers]
+    consistent = answers.get('consistent', [])
+    member_accuracy = [sum(correct(a['prompt'], a['members'][m]['answer']) for a in consistent) / len(consistent)
+                       for m in range(len(consistent[0]['members']))] if consistent else None
+    return dict(disagreement={a['prompt']: a['disagreement'] for a in every}, member_accuracy=member_accuracy,
+                greedy_correct={a['prompt']: correct(a['prompt'], a['answer']) for a in every})
+
+
 def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_new_tokens=32, n_samples=4,
-               seed=0):
+               seed=0, answers=None):
     """The SFT report (METHOD.md §6) as (report dict, readouts); null where the data can't tell.
 
+    answers: verdict.answers_by_kind of test_rows (every member's own greedy answer), for the
+    read-outs of answer_readouts; without them those keys are null.
     readouts holds what the plots are drawn from: the test rows' score_rows dict under
     'scores' and the per-prompt epistemic scores by kind under 'by_kind'.
     """
@@ -341,8 +386,12 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
     scores = score_rows(model, tokenizer, test_rows, batch_size)
     kinds = [row.get('kind', 'consistent') for row in test_rows]
     epistemic = per_prompt_mean(epistemic_per_token(scores), test_rows)
+    aleatoric = per_prompt_mean(scores['aleatoric'] / scores['n_tokens'].clamp(min=1), test_rows)
     kind_of = {row['prompt']: row.get('kind', 'consistent') for row in test_rows}
-    by_kind = {kind: [epistemic[p] for p in epistemic if kind_of[p] == kind] for kind in sorted(set(kinds))}
+    by_kind = by_kind_of(epistemic, kind_of)
+    from_answers = answer_readouts(answers, test_rows) if answers else dict(
+        disagreement={}, member_accuracy=None, greedy_correct=None)
+    disagreement_by_kind = by_kind_of(from_answers['disagreement'], kind_of) if answers else {}
     conflicting = [i for i, kind in enumerate(kinds) if kind == 'conflicting' and test_rows[i].get('group')]
     groups = [test_rows[i]['group'] for i in conflicting]
     # rows an annotator group answered: the conflicting ones, and any agreed rows that still carry a group
@@ -355,9 +404,9 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
                       scores['logp'][:, grouped], [test_rows[i]['group'] for i in grouped],
                       [test_rows[i]['prompt'] for i in grouped]),
                   argmax_specialisation=specialisation(members, groups),
-                  routing=routing_matrix(scores['logp'][:, conflicting], alpha, groups) if groups else None,
-                  auroc_conflict=safe_auroc(by_kind.get('conflicting', []), by_kind.get('consistent', [])),
-                  auroc_ood=None, auroc_ood_vs_consistent=None, coherence=None)
+                  routing=routing_matrix(scores['logp'][:, conflicting], alpha, groups) if groups else None)
+    report |= kind_aurocs(by_kind, by_kind_of(aleatoric, kind_of), disagreement_by_kind)
+    report |= dict(auroc_ood=None, auroc_ood_vs_consistent=None, coherence=None)
     report |= task_routing(scores['logp'], alpha, test_rows)
     if ood_rows:
         ood_scores = score_rows(model, tokenizer, ood_rows, batch_size)
@@ -377,7 +426,12 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
         report['coherence'] = coherence(model, tokenizer, conflict_rows, n_samples, max_new_tokens, seed)
     for suffix in MIXTURES.values():
         report |= calibration(scores, suffix)
-    report['epistemic_by_kind'] = {kind: sum(v) / len(v) for kind, v in by_kind.items() if v}
+    mean_by_kind = lambda scores: {kind: sum(v) / len(v) for kind, v in scores.items() if v}
+    report |= dict(epistemic_by_kind=mean_by_kind(by_kind),
+                   aleatoric_by_kind=mean_by_kind(by_kind_of(aleatoric, kind_of)),
+                   disagreement_by_kind=mean_by_kind(disagreement_by_kind),
+                   member_accuracy_consistent=from_answers['member_accuracy'],
+                   greedy_correct=from_answers['greedy_correct'])
     model.train()
     return report, dict(scores=scores, by_kind=by_kind)
 

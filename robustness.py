@@ -10,7 +10,8 @@ sets of conflict_sets.FAMILY x seeds x variants, each beside a single adapter
     d_nll, d_acc         NLL per token and consistent accuracy minus the single adapter's (targets:
                          d_nll <= 0.05 for the sequence mixture the objective trains, d_acc >= -0.05);
                          the equal-weight token mixture's NLL is shown beside it
-    auroc_conflict       epistemic uncertainty separating conflicting from consistent prompts (>= 0.9)
+    auroc_conflict       epistemic uncertainty per token separating conflicting from consistent prompts
+                         (>= 0.9); beside it, auroc_answers: the members' disagreement about whole answers
 
     python robustness.py                                   # every set, seeds 1337, 1, 2, variant 'default'
     python robustness.py --sets=user_160,long --seeds=1337 --variants=default,ramp,alpha_1
@@ -56,9 +57,9 @@ def write_set(name, study_dir):
 def run(config, name, seed, variant, study_dir, train=True):
     """The report of one (set, seed, variant) run, trained unless its report.json exists (None: not run, not trained).
 
-    A report written before the reports read the sequence mixture (no nll_token_mixture) is
-    made again from the run's checkpoint: train_sft.train resumes at its last step, trains no
-    further and evaluates with today's code.
+    A report written before today's read-outs (no auroc_conflict_answers) is made again from the
+    run's checkpoint: train_sft.train resumes at its last step, trains no further and evaluates
+    with today's code.
     """
     train_path, test_path = write_set(name, study_dir)
     out_dir = os.path.join(study_dir, name, f'{variant}_seed{seed}')
@@ -71,7 +72,7 @@ def run(config, name, seed, variant, study_dir, train=True):
         train_sft.train(run_config)
     with open(report_path) as f:
         report = json.load(f)
-    if 'nll_token_mixture' not in report and train:
+    if 'auroc_conflict_answers' not in report and train:
         print(f"== {name} / {variant} / seed {seed}: evaluated again from its checkpoint", flush=True)
         train_seconds = report['train_seconds']
         _, _, report, _ = train_sft.train(run_config | dict(resume=True))
@@ -95,29 +96,32 @@ def row(name, seed, variant, report, single):
         ('starved', not report['starved_members']),
         ('soft', soft is None or (soft >= 0.5 if has_conflict else soft <= 0.1)),
         ('nll', d_nll <= 0.05), ('acc', d_acc >= -0.05),
-        ('auroc', not has_conflict or (report['auroc_conflict'] or 0) >= 0.9)) if not ok]
+        ('auroc', not has_conflict or (report['auroc_conflict'] or 0) >= 0.9),
+        ('auroc_answers', not has_conflict or (report['auroc_conflict_answers'] or 0) >= 0.9)) if not ok]
     return dict(set=name, seed=seed, variant=variant, soft_specialisation=soft,
                 per_prompt_specialisation=report.get('per_prompt_specialisation'),
                 starved=len(report['starved_members']), nll=report['nll'], d_nll=d_nll,
                 nll_token_mixture=report['nll_token_mixture'], d_nll_token_mixture=d_nll_token,
                 accuracy_consistent=report['accuracy_consistent'], d_acc=d_acc,
                 accuracy_consistent_token_mixture=report['accuracy_consistent_token_mixture'],
-                auroc_conflict=report['auroc_conflict'], misses=misses)
+                auroc_conflict=report['auroc_conflict'], auroc_conflict_answers=report['auroc_conflict_answers'],
+                misses=misses)
 
 
 def table(rows):
     """Markdown: one line per run, and the targets it misses."""
     lines = ['| set | variant | seed | soft_spec | per-prompt spec | starved | nll (Δ single) | '
-             'nll token mixture (Δ single) | acc_consistent (Δ single) | acc token mixture | auroc_conflict | misses |',
-             '|---' * 12 + '|']
+             'nll token mixture (Δ single) | acc_consistent (Δ single) | acc token mixture | auroc_conflict | '
+             'auroc answers | misses |',
+             '|---' * 13 + '|']
     for r in rows:
         soft, per_prompt = ('–' if r[key] is None else f"{r[key]:.2f}"
                             for key in ('soft_specialisation', 'per_prompt_specialisation'))
-        auroc = '–' if r['auroc_conflict'] is None else f"{r['auroc_conflict']:.2f}"
+        auroc, answers = ('–' if r[key] is None else f"{r[key]:.2f}" for key in ('auroc_conflict', 'auroc_conflict_answers'))
         lines.append(f"| {r['set']} | {r['variant']} | {r['seed']} | {soft} | {per_prompt} | {r['starved']} | "
                      f"{r['nll']:.3f} ({r['d_nll']:+.3f}) | {r['nll_token_mixture']:.3f} ({r['d_nll_token_mixture']:+.3f}) | "
                      f"{r['accuracy_consistent']:.2f} ({r['d_acc']:+.2f}) | {r['accuracy_consistent_token_mixture']:.2f} | "
-                     f"{auroc} | {', '.join(r['misses']) or 'none'} |")
+                     f"{auroc} | {answers} | {', '.join(r['misses']) or 'none'} |")
     return '\n'.join(lines)
 
 

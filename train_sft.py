@@ -30,7 +30,7 @@ from lora import add_lora, clone_member, lora_parameters
 from renyi_lora import (alpha_at, check_alpha, floored_renyi_loss, label_smoothed_nll, prior_penalty,
                         response_lengths, responsibilities, responsibility_entropy, sequence_logprobs, ual_smoothing)
 from trainer import check_settings, learning_rate, setup_distributed, train_loop
-from verdict import held_out_thresholds
+from verdict import answers_by_kind, held_out_thresholds
 
 defaults = dict(
     # data: '' means the built-in benchmark (benchmark.py); otherwise JSONL files of {"prompt", "response"}
@@ -203,8 +203,9 @@ def train(config, lr_schedule=learning_rate, on_step=None):
     if rank > 0:
         return model, tokenizer, None, None
 
+    answers = answers_by_kind(model, tokenizer, test_rows, config['max_new_tokens'], config['batch_size'])
     report, readouts = sft_report(model, tokenizer, test_rows, ood_rows, config['alpha'], config['batch_size'],
-                                  config['max_new_tokens'], config['n_samples'], config['seed'])
+                                  config['max_new_tokens'], config['n_samples'], config['seed'], answers)
     model.eval()
     train_logp = score_rows(model, tokenizer, train_rows, config['batch_size'])['logp']      # (M, N)
     model.train()

@@ -128,3 +128,34 @@ def test_ensemble_coherence_counts_answers_that_keep_one_persona():
     answers = [([formal], formal['response']), ([casual], casual['response']), ([casual], mixed),
                ([dict(prompt='q', response=' a', task='add')], ' a')]      # not a card: not counted
     assert evaluate.ensemble_coherence(answers) == pytest.approx(2 / 3)
+
+
+def test_kind_aurocs_against_pairwise_counts():
+    """Each AUROC is the share of (high, low) prompt pairs ranked the right way, ties counting a half."""
+    def pairwise(high, low):
+        return sum(1.0 if h > l else 0.5 if h == l else 0.0 for h in high for l in low) / (len(high) * len(low))
+    epistemic = dict(conflicting=[0.9, 0.4], consistent=[0.1, 0.5, 0.2], high_entropy=[0.6, 0.3])
+    aleatoric = dict(conflicting=[0.2, 0.3], consistent=[0.1], high_entropy=[0.9, 0.3])
+    disagreement = dict(conflicting=[1.0, 0.7], consistent=[0.0, 0.0, 0.7], high_entropy=[0.1, 0.2])
+    aurocs = evaluate.kind_aurocs(epistemic, aleatoric, disagreement)
+    assert aurocs['auroc_conflict'] == pytest.approx(pairwise([0.9, 0.4], [0.1, 0.5, 0.2]))            # 4/6
+    assert aurocs['auroc_conflict_answers'] == pytest.approx(pairwise([1.0, 0.7], [0.0, 0.0, 0.7]))   # 5.5/6
+    assert aurocs['auroc_conflict_vs_ambiguous'] == pytest.approx(0.75)
+    assert aurocs['auroc_conflict_vs_ambiguous_answers'] == pytest.approx(1.0)
+    assert aurocs['auroc_ambiguous_aleatoric'] == pytest.approx(pairwise([0.9, 0.3], [0.2, 0.3]))     # 3.5/4
+    assert evaluate.kind_aurocs(epistemic, aleatoric, {})['auroc_conflict_answers'] is None
+
+
+def test_answer_readouts_hand_case():
+    """Member accuracy on consistent prompts, the ensemble's correctness and disagreement per prompt."""
+    rows = [dict(prompt='q1', response=' a', kind='consistent'), dict(prompt='q2', response=' b', kind='consistent'),
+            dict(prompt='q3', response=' x', kind='conflicting', group='g'),
+            dict(prompt='q3', response=' y', kind='conflicting', group='h')]
+    member = lambda *texts: [dict(answer=text, weight=0.5) for text in texts]
+    answers = dict(consistent=[dict(prompt='q1', answer=' a', members=member(' a', ' c'), disagreement=0.3),
+                               dict(prompt='q2', answer=' c', members=member(' b', ' b'), disagreement=0.0)],
+                   conflicting=[dict(prompt='q3', answer=' y', members=member(' x', ' y'), disagreement=0.6)])
+    readouts = evaluate.answer_readouts(answers, rows)
+    assert readouts['member_accuracy'] == [1.0, 0.5]
+    assert readouts['greedy_correct'] == {'q1': 1, 'q2': 0, 'q3': 1}      # either group's answer counts on q3
+    assert readouts['disagreement'] == {'q1': 0.3, 'q2': 0.0, 'q3': 0.6}

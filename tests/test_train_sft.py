@@ -139,6 +139,11 @@ def test_tiny_run_lowers_the_loss_and_writes_report_and_plots(files, tmp_path):
     # coherence checks the benchmark's two-field cards; a user's data has none, so it is not invented
     assert saved["coherence"] is None and saved["accuracy_high_entropy"] is None
     assert set(saved["routing"]) == {"a", "b"} and all(len(w) == 2 for w in saved["routing"].values())
+    # the members' own answers: the ensemble's, decoded a second way, agrees with accuracy_consistent
+    test_rows = load_rows(config)[2]
+    consistent = {r["prompt"] for r in test_rows if r["kind"] == "consistent"}
+    assert sum(saved["greedy_correct"][p] for p in consistent) / len(consistent) == saved["accuracy_consistent"]
+    assert len(saved["member_accuracy_consistent"]) == 2 and isinstance(saved["auroc_conflict_answers"], float)
     with open(tmp_path / "verdict.json") as f:                 # sample.py's thresholds, from the validation prompts
         thresholds = json.load(f)
     val_rows = load_rows(config)[1]
