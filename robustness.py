@@ -55,31 +55,11 @@ def write_set(name, study_dir):
 
 
 def run(config, name, seed, variant, study_dir, train=True):
-    """The report of one (set, seed, variant) run, trained unless its report.json exists (None: not run, not trained).
-
-    A report written before today's read-outs (no auroc_conflict_answers) is made again from the
-    run's checkpoint: train_sft.train resumes at its last step, trains no further and evaluates
-    with today's code.
-    """
+    """The report of one (set, seed, variant) run (train_sft.finished_report; None: not run, not trained)."""
     train_path, test_path = write_set(name, study_dir)
     out_dir = os.path.join(study_dir, name, f'{variant}_seed{seed}')
-    report_path = os.path.join(out_dir, 'report.json')
     run_config = config | VARIANTS[variant] | dict(data=train_path, val_data=test_path, out_dir=out_dir, seed=seed)
-    if not os.path.exists(report_path):
-        if not train:
-            return None
-        print(f"== {name} / {variant} / seed {seed}", flush=True)
-        train_sft.train(run_config)
-    with open(report_path) as f:
-        report = json.load(f)
-    if 'auroc_conflict_answers' not in report and train:
-        print(f"== {name} / {variant} / seed {seed}: evaluated again from its checkpoint", flush=True)
-        train_seconds = report['train_seconds']
-        _, _, report, _ = train_sft.train(run_config | dict(resume=True))
-        report['train_seconds'] = train_seconds          # the training's, not the re-evaluation's
-        with open(report_path, 'w') as f:
-            json.dump(report, f, indent=2)
-    return report
+    return train_sft.finished_report(run_config, train)
 
 
 def row(name, seed, variant, report, single):
