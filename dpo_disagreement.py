@@ -2,7 +2,8 @@
 Do DPO members disagree more where annotators disagree? train_dpo.py from the SFT run of each seed at
 each alpha, and for every run the variance across members of the preference probability
 sigmoid(beta * h_m(x)) on the held-out pairs (METHOD.md §6, evaluate_dpo.preference_variance): its
-mean over contested pairs, over consensus pairs, and the ratio of the two, beside the report's
+mean over contested pairs, over consensus pairs, and the ratio of the two; the same ratio for the
+variance of the margins beta * h_m(x) themselves (margin_variance_ratio); and the report's
 auroc_contested and each group's best member accuracy.
 
     python dpo_disagreement.py                               # alpha 0.8, 0, 3 x seeds 1337, 1, 2
@@ -32,7 +33,8 @@ STUDY = dict(alphas='0.8,0,3', seeds='1337,1,2',
              study_dir='out/dpo_var', plot='assets/dpo_disagreement.png',
              train=True)                             # --train=false: only tabulate the runs that have finished
 
-PER_RUN = dict(alpha='--alphas', seed='--seeds', sft_dir='--sft_dirs', out_dir='--study_dir')  # train_dpo.py keys the study sets
+# the train_dpo.py keys the study sets for every run, and the study's key to use instead
+PER_RUN = dict(alpha='--alphas', seed='--seeds', sft_dir='--sft_dirs', out_dir='--study_dir')
 
 
 def parse_list(key, text, kind):
@@ -72,17 +74,36 @@ def run(config, alpha, seed, sft_dir, study_dir, train=True):
     return report, torch.load(paths[1])
 
 
-def variance_by_kind(margins_by_group):
-    """{'contested': [v(x)], 'consensus': [v(x)]} per held-out pair, v(x) = Var_m sigmoid(beta * h_m(x))."""
+def by_kind(margins_by_group):
+    """{'contested': margins (M, n) of every contested group, 'consensus': (M, n')} from {group: margins}."""
     kinds = {'contested': [m for g, m in margins_by_group.items() if g.startswith('contested')],
              'consensus': [m for g, m in margins_by_group.items() if g == 'consensus']}
-    return {kind: pair_preference_variance(torch.cat(margins, dim=1)).tolist() if margins else []
-            for kind, margins in kinds.items()}
+    return {kind: torch.cat(margins, dim=1) for kind, margins in kinds.items() if margins}
 
 
-def row(alpha, seed, report):
-    """The table's numbers of one run: preference_variance, auroc_contested and each group's best member accuracy."""
-    return dict(alpha=alpha, seed=seed, **report['preference_variance'], auroc_contested=report['auroc_contested'],
+def variance_by_kind(margins_by_group, of_probability=True):
+    """{'contested': [variance per pair], 'consensus': [...]} on the held-out pairs: v(x) = Var_m sigmoid(beta * h_m(x))
+    (pair_preference_variance), or with of_probability=False Var_m(beta * h_m(x)) of the margins themselves."""
+    margins = by_kind(margins_by_group)
+    variance = pair_preference_variance if of_probability else lambda m: m.var(dim=0, unbiased=False)  # (M, n) -> (n,)
+    return {kind: variance(margins[kind]).tolist() if kind in margins else [] for kind in ('contested', 'consensus')}
+
+
+def margin_variance_ratio(margins_by_group):
+    """mean_contested Var_m(beta * h_m(x)) / mean_consensus Var_m(beta * h_m(x)): the same comparison before the
+    sigmoid, whose slope p (1 - p) is largest near p = 1/2 and so favours contested pairs by itself. None without both."""
+    variances = variance_by_kind(margins_by_group, of_probability=False)
+    if not (variances['contested'] and variances['consensus']) or sum(variances['consensus']) == 0:
+        return None
+    contested, consensus = (sum(values) / len(values) for values in (variances['contested'], variances['consensus']))
+    return contested / consensus
+
+
+def row(alpha, seed, report, margins_by_group):
+    """The table's numbers of one run: preference_variance, margin_variance_ratio, auroc_contested and each group's
+    best member accuracy."""
+    return dict(alpha=alpha, seed=seed, **report['preference_variance'],
+                margin_ratio=margin_variance_ratio(margins_by_group), auroc_contested=report['auroc_contested'],
                 best_member_accuracy={g: max(a) for g, a in report['accuracy_by_group'].items()})
 
 
@@ -90,19 +111,20 @@ def table(rows):
     """Markdown: a line per run, then per alpha the mean over its seeds (ratio: of the two means)."""
     groups = sorted({g for r in rows for g in r['best_member_accuracy']})
     show = lambda value, spec: '–' if value is None else format(value, spec)  # noqa: E731
-    lines = ['| alpha | seed | Var contested | Var consensus | ratio | auroc_contested | ' +
-             ' | '.join(f'best member acc {g}' for g in groups) + ' |', '|---' * (6 + len(groups)) + '|']
+    lines = ['| alpha | seed | Var contested | Var consensus | ratio | margin Var ratio | auroc_contested | ' +
+             ' | '.join(f'best member acc {g}' for g in groups) + ' |', '|---' * (7 + len(groups)) + '|']
     for alpha in dict.fromkeys(r['alpha'] for r in rows):
         runs = [r for r in rows if r['alpha'] == alpha]
         for r in runs:
             lines.append(f"| {alpha:g} | {r['seed']} | {show(r['contested'], '.3g')} | {show(r['consensus'], '.3g')} | "
-                         f"{show(r['ratio'], '.3g')} | {show(r['auroc_contested'], '.2f')} | " +
+                         f"{show(r['ratio'], '.3g')} | {show(r['margin_ratio'], '.3g')} | "
+                         f"{show(r['auroc_contested'], '.2f')} | " +
                          ' | '.join(show(r['best_member_accuracy'].get(g), '.2f') for g in groups) + ' |')
         means = {kind: sum(r[kind] for r in runs) / len(runs) if all(r[kind] is not None for r in runs) else None
                  for kind in ('contested', 'consensus')}
         ratio = means['contested'] / means['consensus'] if None not in means.values() and means['consensus'] else None
         lines.append(f"| {alpha:g} | mean of {len(runs)} | {show(means['contested'], '.3g')} | "
-                     f"{show(means['consensus'], '.3g')} | {show(ratio, '.3g')} | |" + ' |' * len(groups))
+                     f"{show(means['consensus'], '.3g')} | {show(ratio, '.3g')} | | |" + ' |' * len(groups))
     return '\n'.join(lines)
 
 
@@ -118,13 +140,15 @@ def main(argv):
     alphas = parse_list('alphas', study['alphas'], check_alpha)
     seeds = parse_list('seeds', study['seeds'], int)
     sft_dirs = {seed: sft_dir_of(study['sft_dirs'], seed) for seed in seeds}   # every input checked before training
-    rows, panels = [], []
+    rows, probability_runs, margin_runs = [], [], []
     for alpha in alphas:
         for seed in seeds:
             result = run(config, alpha, seed, sft_dirs[seed], study['study_dir'], study['train'])
             if result is not None:
-                rows.append(row(alpha, seed, result[0]))
-                panels.append((f'α={alpha:g}\nseed {seed}', variance_by_kind(result[1])))
+                rows.append(row(alpha, seed, *result))
+                label = f'α={alpha:g}\nseed {seed}'
+                probability_runs.append((label, variance_by_kind(result[1])))
+                margin_runs.append((label, variance_by_kind(result[1], of_probability=False)))
     if not rows:
         raise UserError(f"--train=false: no finished run in {study['study_dir']}; drop --train=false to train them")
     text = table(rows)
@@ -132,7 +156,8 @@ def main(argv):
         json.dump(rows, f, indent=2)
     with open(os.path.join(study['study_dir'], 'table.md'), 'w') as f:
         f.write(text + '\n')
-    plots.disagreement_plot(study['plot'], panels)
+    plots.disagreement_plot(study['plot'], [('Var over members of sigmoid(beta * h)', probability_runs),
+                                            ('Var over members of beta * h', margin_runs)])
     print(text + f"\nwrote {study['study_dir']}/table.md, {study['study_dir']}/results.json and {study['plot']}")
 
 

@@ -135,28 +135,36 @@ def comparison_plots(out_dir, results):
         plt.close(fig)
 
 
-def disagreement_plot(path, runs):
-    """Write to path a box plot per run of the per-pair variance across members of sigmoid(beta * h_m(x)),
-    contested pairs beside consensus pairs, on a log scale (the two differ by orders of magnitude).
 
-    runs: [(label, {'contested': [v(x) per pair], 'consensus': [...]})], as evaluate_dpo.pair_preference_variance.
-    A variance of 0 (members that agree exactly) cannot sit on a log scale; it is drawn at the axis' floor.
+def variance_boxes(ax, runs, ylabel):
+    """A box per run and kind of pair (contested beside consensus) of per-pair variances, on a log scale.
+
+    runs: [(label, {'contested': [variance per pair], 'consensus': [...]})]. A variance of 0 (members that agree
+    exactly) cannot sit on a log scale; it is drawn at 1e-12.
     """
-    floor = 1e-12
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(runs)), 4))
     for offset, kind, colour in ((-0.18, 'contested', 'C3'), (0.18, 'consensus', 'C0')):
-        values = [np.maximum(variances[kind], floor) for _, variances in runs]
+        values = [np.maximum(variances[kind], 1e-12) for _, variances in runs]
         positions = np.arange(len(runs)) + offset
         boxes = ax.boxplot(values, positions=positions, widths=0.3, whis=(5, 95), showfliers=False, patch_artist=True)
         plt.setp(boxes['boxes'], facecolor=colour, alpha=0.4)
         for position, run_values in zip(positions, values):
             ax.plot(np.full(len(run_values), position), run_values, '.', color=colour, ms=2, alpha=0.5)
-        ax.plot(positions, [np.mean(v) for v in values], 'D', color=colour, ms=5, label=f'{kind} (diamond: mean)')
+        means = [np.mean(v) if len(v) else np.nan for v in values]                # a run without such pairs: no mean
+        ax.plot(positions, means, 'D', color=colour, ms=5, label=f'{kind} (diamond: mean)')
     ax.set_yscale('log')
     ax.set_xticks(range(len(runs)), [label for label, _ in runs], fontsize=8)
-    ax.set_ylabel('Var over members of sigmoid(beta * h)')
-    ax.set_title('members\' disagreement per held-out pair (box: quartiles, whiskers 5-95%)', fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_ylabel(ylabel)
+
+
+def disagreement_plot(path, panels):
+    """Write to path one variance_boxes panel per (ylabel, runs) of panels, stacked: the members' disagreement per
+    held-out pair. Boxes: quartiles; whiskers: 5th to 95th percentile; dots: the pairs."""
+    n_runs = len(panels[0][1])
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.1 * n_runs), 3.4 * len(panels)), squeeze=False)
+    for ax, (ylabel, runs) in zip(axes[:, 0], panels):
+        variance_boxes(ax, runs, ylabel)
+    axes[0, 0].set_title("members' disagreement per held-out pair (box: quartiles, whiskers: 5-95%)", fontsize=10)
+    axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -8,12 +8,13 @@ import torch
 import dpo_disagreement
 from config import run_script
 
-# Two members. Contested pairs at margins (log 3, -log 3): p = 3/4 and 1/4, v = 1/16. Consensus at (0, log 3):
-# p = 1/2 and 3/4, v = 1/64.
-MARGINS = {'consensus': torch.tensor([[0.0], [math.log(3)]]),
+# Two members. Contested pairs at margins (log 3, -log 3): p = 3/4 and 1/4, v = 1/16, margin variance (log 3)^2.
+# Consensus at (log 3, log 7): p = 3/4 and 7/8, v = 1/256, margin variance (log(7/3) / 2)^2.
+MARGIN_RATIO = (2 * math.log(3) / math.log(7 / 3)) ** 2
+MARGINS = {'consensus': torch.tensor([[math.log(3)], [math.log(7)]]),
            'contested/a': torch.tensor([[math.log(3)], [-math.log(3)]]),
            'contested/b': torch.tensor([[-math.log(3)], [math.log(3)]])}
-REPORT = dict(preference_variance=dict(contested=1 / 16, consensus=1 / 64, ratio=4.0), auroc_contested=1.0,
+REPORT = dict(preference_variance=dict(contested=1 / 16, consensus=1 / 256, ratio=16.0), auroc_contested=1.0,
               accuracy_by_group={'consensus': [0.5, 1.0], 'contested/a': [1.0, 0.0], 'contested/b': [0.0, 1.0]})
 
 
@@ -32,7 +33,9 @@ def study(tmp_path):
 
 def test_variance_by_kind_pools_the_contested_groups():
     variances = dpo_disagreement.variance_by_kind(MARGINS)
-    assert variances['contested'] == pytest.approx([1 / 16, 1 / 16]) and variances['consensus'] == pytest.approx([1 / 64])
+    assert variances['contested'] == pytest.approx([1 / 16, 1 / 16])
+    assert variances['consensus'] == pytest.approx([1 / 256])
+    assert dpo_disagreement.margin_variance_ratio(MARGINS) == pytest.approx(MARGIN_RATIO, rel=1e-6)
 
 
 def test_train_false_tabulates_and_plots_the_finished_runs(study):
@@ -40,8 +43,8 @@ def test_train_false_tabulates_and_plots_the_finished_runs(study):
                            f'--study_dir={study / "study"}', f'--plot={study / "fig.png"}', '--train=false'])
     lines = (study / 'study' / 'table.md').read_text().splitlines()
     assert len(lines) == 4                                             # header, rule, the run, the mean of alpha 3
-    assert lines[2] == '| 3 | 1 | 0.0625 | 0.0156 | 4 | 1.00 | 1.00 | 1.00 | 1.00 |'
-    assert lines[3].startswith('| 3 | mean of 1 | 0.0625 | 0.0156 | 4 |')
+    assert lines[2] == f'| 3 | 1 | 0.0625 | 0.00391 | 16 | {MARGIN_RATIO:.3g} | 1.00 | 1.00 | 1.00 | 1.00 |'
+    assert lines[3].startswith('| 3 | mean of 1 | 0.0625 | 0.00391 | 16 |')
     assert (study / 'fig.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
