@@ -169,3 +169,25 @@ def disagreement_plot(path, panels):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def routing_entropy_curves(path, panels):
+    """Write one figure to path: a panel per routing, in it the mean routing entropy of each run against the iter.
+
+    panels: {title: [(label, iters, entropies in nats, n_members)]}. A dotted line marks log M, the entropy of
+    routing that trains every member alike; 0 means every example trains one member alone.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False, sharey=True)
+    for ax, (title, runs) in zip(axes[0], panels.items()):
+        for label, iters, entropies, _ in runs:
+            ax.plot(iters, entropies, 'o-', ms=3, label=label)
+        for n_members in sorted({run[3] for run in runs}):
+            ax.axhline(np.log(n_members), color='k', ls=':', lw=0.8)
+            ax.text(ax.get_xlim()[0], np.log(n_members), f' log {n_members}', va='bottom', fontsize=8)
+        ax.set_xlabel('iter (end of the eval window)')
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel('mean entropy of w(x) (nats)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
