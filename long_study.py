@@ -1,0 +1,147 @@
+"""
+What alpha does on long responses when nothing holds it back: train_sft.py on a conflict set
+with long responses (conflict_sets' `long`: every record response is 60 tokens) with the full
+alpha from the first step (no hold, no ramp), over alpha x length_normalise, and one table and
+one figure of how sharp the routing gets:
+
+    entropy @ iter       the mean entropy of the responsibilities w(x) over the training examples
+                         routed in the eval window ending at that iter (log M: every example trains
+                         every member alike; 0: each trains one member alone)
+    soft_specialisation  I(group; member) / H(group) on the held-out conflicting rows, after training
+    starved, shares      each member's share of the training responsibility in the last window
+                         (the routing the run trained with), and the members below 1/(4M) of it
+    nll                  the held-out NLL per token of the sequence mixture
+
+    python long_study.py                                  # alpha 0.5,0.8,1,2 x length_normalise false,true; M = 4
+    python long_study.py --members=8 --alphas=0.8 --normalise=false
+    python long_study.py --max_iters=100 --eval_interval=10   # any train_sft.py key applies to every run
+    python long_study.py --members=4,8 --train=false      # the table and figure of the runs that have finished
+    python long_study.py --help                           # these keys; train_sft.py --help lists the others
+
+A run whose report.json exists is not trained again. Writes study_dir/table.md, results.json and entropy.png.
+"""
+import itertools
+import json
+import os
+
+import torch
+
+import conflict_sets
+import plots
+import train_sft
+from config import UserError, parse_args, run_script
+from evaluate import starved_members
+from renyi_lora import check_alpha
+from robustness import write_set
+
+STUDY = dict(
+    set='long',                 # a set of conflict_sets.FAMILY
+    members='4',                # n_members of the runs (in place of train_sft.py's n_members)
+    alphas='0.5,0.8,1,2',       # each trained with alpha_ramp_iters=0 and alpha_hold_iters=0: the full alpha at once
+    normalise='false,true',     # length_normalise values: route by the summed log p_m(x), or by log p_m(x) / |y|
+    table_iters='10,20,50',     # the eval iters whose routing entropy the table shows, beside the last one
+    study_dir='out/long_study',
+    train=True,                 # false: only tabulate and draw the runs that have finished
+)
+NO_RAMP = dict(alpha_ramp_iters=0, alpha_hold_iters=0)
+
+
+def read_study(argv):
+    """(study keys, train_sft config, [(n_members, length_normalise, alpha)] of the runs, table iters), every mistake
+    a UserError."""
+    if '--help' in argv or '-h' in argv:
+        parse_args(STUDY, ['--help'])        # this docstring and the study's keys; train_sft.py --help lists the rest
+    study_keys = [a for a in argv if a.split('=')[0][2:] in STUDY]
+    study = parse_args(STUDY, study_keys)
+    config = parse_args(train_sft.defaults, [a for a in argv if a not in study_keys])
+    if any(a.startswith('--n_members=') for a in argv):
+        raise UserError("--n_members: this study takes --members=4,8")
+    if study['set'] not in conflict_sets.FAMILY:
+        raise UserError(f"--set={study['set']}: must be one of {', '.join(conflict_sets.FAMILY)}")
+    alphas = [check_alpha(parse_number(text, 'alphas', float)) for text in study['alphas'].split(',')]
+    normalise = [parse_args(dict(normalise=False), [f'--normalise={text}'])['normalise']
+                 for text in study['normalise'].split(',')]
+    members = [parse_number(text, 'members', int) for text in study['members'].split(',')]
+    table_iters = [parse_number(text, 'table_iters', int) for text in study['table_iters'].split(',')]
+    return study, config, list(itertools.product(members, normalise, alphas)), table_iters
+
+
+def parse_number(text, key, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        raise UserError(f"--{key}: {text!r} is not a{'n int' if kind is int else ' number'}") from None
+
+
+def run_dir(study_dir, n_members, alpha, length_normalise):
+    return os.path.join(study_dir, 'runs', f"M{n_members}_alpha{alpha:g}_{'per_token' if length_normalise else 'sum'}")
+
+
+def run(config, set_name, n_members, length_normalise, alpha, study_dir, train=True):
+    """(report, history) of one run, trained unless its report.json exists; None when not run and not trained."""
+    train_path, test_path = write_set(set_name, study_dir)
+    out_dir = run_dir(study_dir, n_members, alpha, length_normalise)
+    if not os.path.exists(os.path.join(out_dir, 'report.json')):
+        if not train:
+            return None
+        print(f"== M {n_members}, alpha {alpha:g}, length_normalise {length_normalise}", flush=True)
+        train_sft.train(config | NO_RAMP | dict(data=train_path, val_data=test_path, out_dir=out_dir, alpha=alpha,
+                                                n_members=n_members, length_normalise=length_normalise))
+    with open(os.path.join(out_dir, 'report.json')) as f:
+        report = json.load(f)
+    history = torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)['history']
+    return report, history
+
+
+def row(n_members, alpha, length_normalise, report, history, table_iters):
+    """The table's measures of one run; the routing entropy at each of table_iters (None where not evaluated)."""
+    entropy_at = dict(zip(history['val_iter'], history['routing_entropy']))
+    shares = history['member_share'][-1]                     # the last eval window's training routing
+    return dict(n_members=n_members, alpha=alpha, length_normalise=length_normalise,
+                entropy_at={it: entropy_at.get(it) for it in table_iters},
+                final_iter=history['val_iter'][-1], final_entropy=history['routing_entropy'][-1],
+                soft_specialisation=report['soft_specialisation'], member_share=shares,
+                starved=starved_members(torch.tensor(shares)), nll=report['nll'])
+
+
+def table(rows, table_iters):
+    """Markdown: one line per run."""
+    entropy_columns = [f'entropy @ {it}' for it in table_iters] + ['entropy @ last']
+    lines = ['| M | alpha | log p routed | ' + ' | '.join(entropy_columns) +
+             ' | soft_spec | starved | member shares (last window) | nll |',
+             '|---' * (len(entropy_columns) + 7) + '|']
+    for r in rows:
+        entropies = ['–' if r['entropy_at'][it] is None else f"{r['entropy_at'][it]:.3f}" for it in table_iters]
+        entropies.append(f"{r['final_entropy']:.3f} ({r['final_iter']})")
+        soft = '–' if r['soft_specialisation'] is None else f"{r['soft_specialisation']:.2f}"
+        lines.append(f"| {r['n_members']} | {r['alpha']:g} | {'per token' if r['length_normalise'] else 'sum'} | "
+                     + ' | '.join(entropies) + f" | {soft} | {len(r['starved'])} | "
+                     + ' '.join(f'{s:.2f}' for s in r['member_share']) + f" | {r['nll']:.3f} |")
+    return '\n'.join(lines)
+
+
+def main(argv):
+    study, config, runs, table_iters = read_study(argv)
+    rows, curves = [], {'routing by log p': [], 'routing by log p / |y|': []}
+    for n_members, length_normalise, alpha in runs:
+        result = run(config, study['set'], n_members, length_normalise, alpha, study['study_dir'], study['train'])
+        if result is None:
+            continue
+        report, history = result
+        rows.append(row(n_members, alpha, length_normalise, report, history, table_iters))
+        curves['routing by log p / |y|' if length_normalise else 'routing by log p'].append(
+            (f"M {n_members}, alpha {alpha:g}", history['val_iter'], history['routing_entropy'], n_members))
+    text = table(rows, table_iters)
+    os.makedirs(study['study_dir'], exist_ok=True)
+    with open(os.path.join(study['study_dir'], 'results.json'), 'w') as f:
+        json.dump(rows, f, indent=2)
+    with open(os.path.join(study['study_dir'], 'table.md'), 'w') as f:
+        f.write(text + '\n')
+    if rows:
+        plots.routing_entropy_curves(os.path.join(study['study_dir'], 'entropy.png'),
+                                     {title: panel for title, panel in curves.items() if panel})
+    print(text)
+
+
+if __name__ == '__main__':
+    run_script(main)
