@@ -13,7 +13,7 @@ import torch
 import benchmark
 import data
 from renyi_lora import (auroc, ece, expected_entropy, mixture_next_token_logprobs, mutual_information, posterior_weights,
-                        predictive_entropy, responsibilities)
+                        predictive_entropy, responsibilities, responsibility_entropy)
 
 
 def device_of(model):
@@ -147,13 +147,13 @@ def task_routing(logp, alpha, rows):
                 task_specialisation=soft_specialisation(logp[:, agreed], tasks))
 
 
-def member_shares(logp, alpha):
+def member_shares(logp, alpha, n_tokens=None):
     """Each member's share of the responsibility, mean_i softmax_m(alpha * log p_m(x_i)): (M,) summing to 1.
 
     This is how much of the training signal each member receives at that alpha; 1/M each
-    when routing is uniform.
+    when routing is uniform. n_tokens (N,): length-normalised routing, as in training.
     """
-    return responsibilities(logp, alpha).mean(dim=1)
+    return responsibilities(logp, alpha, n_tokens).mean(dim=1)
 
 
 def starved_members(shares, fraction=0.25):
@@ -184,8 +184,7 @@ def responsibility_spread(logp, alpha):
     logp: (M, N), N >= 1 -> {'entropy': float, 'top_share': float}.
     """
     weights = responsibilities(logp.double(), alpha)                          # (M, N)
-    entropy = -(weights * weights.clamp_min(1e-300).log()).sum(0)             # (N,)
-    return dict(entropy=entropy.mean().item(), top_share=weights.max(0).values.mean().item())
+    return dict(entropy=responsibility_entropy(weights).mean().item(), top_share=weights.max(0).values.mean().item())
 
 
 def noise_routing(logp, alpha, rows):

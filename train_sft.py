@@ -207,9 +207,11 @@ def train(config, lr_schedule=learning_rate, on_step=None):
     report, readouts = sft_report(model, tokenizer, test_rows, ood_rows, config['alpha'], config['batch_size'],
                                   config['max_new_tokens'], config['n_samples'], config['seed'], answers)
     model.eval()
-    train_logp = score_rows(model, tokenizer, train_rows, config['batch_size'])['logp']      # (M, N)
+    train_scores = score_rows(model, tokenizer, train_rows, config['batch_size'])
     model.train()
-    shares = member_shares(train_logp, config['alpha'])
+    train_logp = train_scores['logp']                                                          # (M, N)
+    shares = member_shares(train_logp, config['alpha'],
+                           train_scores['n_tokens'].clamp(min=1) if config['length_normalise'] else None)
     report['member_share'] = shares.tolist()           # of the training rows' responsibility, at the final alpha
     report['noise_routing'] = noise_routing(train_logp, config['alpha'], train_rows)
     report['starved_members'] = starved_members(shares)

@@ -65,6 +65,11 @@ def test_member_shares_and_starved_members():
     shares = member_shares(logp, 1.0)
     expected = [(1 + 0.5 + 1 / 3) / 3, (0.5 + 1 / 3) / 3, (1 / 3) / 3]              # to 1e-13 (e^-30)
     assert shares.tolist() == pytest.approx(expected, rel=1e-9)
+    # length-normalised routing: the third example's 2 tokens halve its log-likelihoods before the softmax
+    halved = member_shares(logp, 1.0, torch.tensor([1, 1, 2]))
+    assert halved.tolist() == pytest.approx(expected, rel=1e-9)   # that example's members tie, halved or not
+    assert member_shares(logp, 1.0, torch.tensor([30, 1, 1]))[1].item() == pytest.approx(
+        (math.exp(-1) / (1 + 2 * math.exp(-1)) + 0.5 + 1 / 3) / 3, rel=1e-9)   # [0, -30, -30] / 30
     assert starved_members(torch.tensor([0.9, 0.05, 0.05])) == [1, 2]                # below 0.25 / 3
     assert starved_members(torch.tensor([0.5, 0.3, 0.2])) == []
     assert starved_members(torch.tensor([1.0])) == []                                 # one adapter cannot starve
