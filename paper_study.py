@@ -48,7 +48,7 @@ def setting_row(report):
     """The measures of one run on the clean benchmark (claim a and the report's headline numbers)."""
     keys = ('soft_specialisation', 'per_prompt_specialisation', 'task_specialisation', 'nll', 'accuracy_consistent',
             'accuracy_high_entropy', 'accuracy_conflicting', 'auroc_conflict', 'auroc_conflict_answers', 'auroc_ood')
-    return {key: report[key] for key in keys} | dict(starved=len(report['starved_members']))
+    return {key: report.get(key) for key in keys} | dict(starved=len(report['starved_members']))
 
 
 def split_by_single(report, single):
@@ -56,6 +56,8 @@ def split_by_single(report, single):
 
     report, single: reports with greedy_correct {prompt: 1 or 0} over the same held-out prompts.
     """
+    if not report.get('greedy_correct') or not single.get('greedy_correct'):   # a report older than the key
+        return dict(n_single_right=None, accuracy_single_right=None, n_single_wrong=None, accuracy_single_wrong=None)
     right = [p for p, ok in single['greedy_correct'].items() if ok]
     wrong = [p for p, ok in single['greedy_correct'].items() if not ok]
     share = lambda prompts: sum(report['greedy_correct'][p] for p in prompts) / len(prompts) if prompts else None
@@ -65,22 +67,23 @@ def split_by_single(report, single):
 
 def noise_row(report, clean):
     """Clean held-out accuracy under label noise, its drop from the clean run, and where the noisy rows went."""
-    best = max(report['member_accuracy_consistent'])
+    best_of = lambda r: max(r['member_accuracy_consistent']) if r and r.get('member_accuracy_consistent') else None
+    best, best_clean = best_of(report), best_of(clean)
     routing = report['noise_routing'] or {}
     spread = lambda rows, key: routing[rows][key] if routing else None
     return dict(accuracy_consistent=report['accuracy_consistent'],
                 drop=clean['accuracy_consistent'] - report['accuracy_consistent'] if clean else None,
-                best_member=best, best_member_drop=max(clean['member_accuracy_consistent']) - best if clean else None,
+                best_member=best, best_member_drop=None if None in (best, best_clean) else best_clean - best,
                 entropy_corrupted=spread('corrupted', 'entropy'), entropy_clean=spread('clean', 'entropy'),
                 top_share_corrupted=spread('corrupted', 'top_share'), top_share_clean=spread('clean', 'top_share'))
 
 
 def ambiguity_row(report):
     """Does conflict read as epistemic and ambiguity as aleatoric? AUROCs and means by kind."""
-    by_kind = lambda key, kind: (report[key] or {}).get(kind)
-    return dict(auroc_conflict_vs_ambiguous=report['auroc_conflict_vs_ambiguous'],
-                auroc_conflict_vs_ambiguous_answers=report['auroc_conflict_vs_ambiguous_answers'],
-                auroc_ambiguous_aleatoric=report['auroc_ambiguous_aleatoric'],
+    by_kind = lambda key, kind: (report.get(key) or {}).get(kind)
+    return dict(auroc_conflict_vs_ambiguous=report.get('auroc_conflict_vs_ambiguous'),
+                auroc_conflict_vs_ambiguous_answers=report.get('auroc_conflict_vs_ambiguous_answers'),
+                auroc_ambiguous_aleatoric=report.get('auroc_ambiguous_aleatoric'),
                 epistemic_conflicting=by_kind('epistemic_by_kind', 'conflicting'),
                 epistemic_high_entropy=by_kind('epistemic_by_kind', 'high_entropy'),
                 aleatoric_conflicting=by_kind('aleatoric_by_kind', 'conflicting'),

@@ -77,14 +77,14 @@ def row(name, seed, variant, report, single):
         ('soft', soft is None or (soft >= 0.5 if has_conflict else soft <= 0.1)),
         ('nll', d_nll <= 0.05), ('acc', d_acc >= -0.05),
         ('auroc', not has_conflict or (report['auroc_conflict'] or 0) >= 0.9),
-        ('auroc_answers', not has_conflict or (report['auroc_conflict_answers'] or 0) >= 0.9)) if not ok]
+        ('auroc_answers', not has_conflict or (report.get('auroc_conflict_answers') or 0) >= 0.9)) if not ok]
     return dict(set=name, seed=seed, variant=variant, soft_specialisation=soft,
                 per_prompt_specialisation=report.get('per_prompt_specialisation'),
                 starved=len(report['starved_members']), nll=report['nll'], d_nll=d_nll,
                 nll_token_mixture=report['nll_token_mixture'], d_nll_token_mixture=d_nll_token,
                 accuracy_consistent=report['accuracy_consistent'], d_acc=d_acc,
                 accuracy_consistent_token_mixture=report['accuracy_consistent_token_mixture'],
-                auroc_conflict=report['auroc_conflict'], auroc_conflict_answers=report['auroc_conflict_answers'],
+                auroc_conflict=report['auroc_conflict'], auroc_conflict_answers=report.get('auroc_conflict_answers'),
                 misses=misses)
 
 
@@ -95,9 +95,8 @@ def table(rows):
              'auroc answers | misses |',
              '|---' * 13 + '|']
     for r in rows:
-        soft, per_prompt = ('–' if r[key] is None else f"{r[key]:.2f}"
-                            for key in ('soft_specialisation', 'per_prompt_specialisation'))
-        auroc, answers = ('–' if r[key] is None else f"{r[key]:.2f}" for key in ('auroc_conflict', 'auroc_conflict_answers'))
+        soft, per_prompt, auroc, answers = ('–' if r[key] is None else f"{r[key]:.2f}" for key in (
+            'soft_specialisation', 'per_prompt_specialisation', 'auroc_conflict', 'auroc_conflict_answers'))
         lines.append(f"| {r['set']} | {r['variant']} | {r['seed']} | {soft} | {per_prompt} | {r['starved']} | "
                      f"{r['nll']:.3f} ({r['d_nll']:+.3f}) | {r['nll_token_mixture']:.3f} ({r['d_nll_token_mixture']:+.3f}) | "
                      f"{r['accuracy_consistent']:.2f} ({r['d_acc']:+.2f}) | {r['accuracy_consistent_token_mixture']:.2f} | "
