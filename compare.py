@@ -3,6 +3,7 @@ The methods of the three source papers side by side: one benchmark split, one st
 
     python compare.py                        # -> out/compare/table.md, reliability.png, uncertainty.png
     python compare.py --max_iters=100        # any train_sft.py key applies to every method
+    python compare.py --methods=map          # some of the methods only (here MAP LoRA, and SWAG from it)
 
 Seven training runs make the nine rows; SWAG and MultiSWAG are read off other runs' iterates.
 Every run takes train_sft.py's defaults, including the α ramp (alpha_ramp_iters):
@@ -28,7 +29,7 @@ import data
 import plots
 import train_sft
 from checkpoint import load_base
-from config import parse_args, run_script
+from config import UserError, parse_args, run_script
 from evaluate import calibration, markdown_table, sft_report
 from lora import add_lora
 from swag import SWAGCollector, sample_members, swag_learning_rate
@@ -43,6 +44,7 @@ defaults = train_sft.defaults | dict(
     swag_scale=0.5,          # 0 would give SWA, the mean alone
     swag_samples=16,         # S: draws evaluated as one S-member ensemble (MultiSWAG: S / M from each member)
     samples_per_prompt=16,   # coherence: sampled responses per conflicting prompt, split over the members
+    methods='all',           # or a comma-separated subset of the names of compare.methods (ual_ensemble needs renyi_1)
 )
 
 COLUMNS = ('accuracy_consistent', 'accuracy_high_entropy', 'accuracy_conflicting', 'accuracy_conflicting_token_mixture',
@@ -62,6 +64,18 @@ def methods(config):
             ('renyi_2', f'α-Rényi (M={n_members}, α=2)', dict(alpha=2.0)),     # train_sft.py's α, this schedule
             ('ual_data', 'UAL, data u (M=1)', dict(n_members=1, ual_source='data')),
             ('ual_ensemble', 'UAL, ensemble u (M=1)', dict(n_members=1, ual_source='ensemble', ual_teacher=teacher))]
+
+
+def selected_methods(config):
+    """The methods of config['methods'] ('all' or a comma-separated list of names), in methods' order."""
+    every = methods(config)
+    if config['methods'] == 'all':
+        return every
+    names = config['methods'].split(',')
+    unknown = [name for name in names if name not in [n for n, _, _ in every]]
+    if unknown:
+        raise UserError(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(n for n, _, _ in every)}")
+    return [method for method in every if method[0] in names]
 
 
 def method_config(config, name, overrides):
@@ -109,11 +123,12 @@ def swag_row(name, run, source, swags, tokenizer, test_rows, ood_rows):
 def compare(config):
     """Train and evaluate every method; writes table.md, results.json and the plots; returns [(label, report)]."""
     config = config | dict(swag_start=int(round((1 - config['swag_fraction']) * config['max_iters'])))
+    chosen = selected_methods(config)
     os.makedirs(config['compare_dir'], exist_ok=True)
     _, _, test_rows, ood_rows = data.load_sft_rows(config['data'], config['val_data'], config['ood_data'],
                                                    config['val_fraction'], config['seed'])
     results = []                                                          # (label, report, readouts)
-    for name, label, overrides in methods(config):
+    for name, label, overrides in chosen:
         run = method_config(config, name, overrides)
         print(f"== {label}", flush=True)
         # SWAG from the MAP run, MultiSWAG from the deep-ensemble run: their iterates, collected on the way

@@ -11,6 +11,7 @@ import compare
 import data
 import train_sft
 from checkpoint import load_base
+from config import UserError
 from evaluate import score_rows
 from lora import load_adapters
 
@@ -118,3 +119,11 @@ def test_ual_smoothing_from_the_data_and_from_the_alpha_one_ensemble(run):
     with pytest.raises(ValueError, match="ual_source must be"):     # before any output exists
         train_sft.train(config | dict(ual_source="llm", out_dir=str(out / "never")))
     assert not (out / "never").exists()
+
+
+def test_methods_key_selects_in_order_and_refuses_unknown_names():
+    config = compare.defaults | dict(methods='renyi_1,map')
+    assert [name for name, _, _ in compare.selected_methods(config)] == ['map', 'renyi_1']
+    assert len(compare.selected_methods(compare.defaults)) == 7
+    with pytest.raises(UserError, match="--methods: unknown swag"):
+        compare.selected_methods(compare.defaults | dict(methods='map,swag'))
