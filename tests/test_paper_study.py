@@ -1,4 +1,7 @@
 """paper_study.py: its read-outs on hand-made reports, and its refusals."""
+import json
+import os
+
 import pytest
 
 import paper_study
@@ -49,3 +52,20 @@ def test_bad_study_keys_are_refused_before_any_run(argv, message, tmp_path):
     with pytest.raises(UserError, match=message):
         paper_study.main(argv + [f'--study_dir={tmp_path}'])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tiny_study_trains_its_runs_once_and_tabulates_them(tiny_base, tmp_path):
+    """Two tiny runs (the paper's eight members, clean and with 20 % noise): the tables have them."""
+    argv = [f"--base={tiny_base}", "--variants=paper", "--seeds=1", "--noise=0.2", "--noise_seeds=1",
+            "--max_iters=2", "--eval_interval=2", "--lora_rank=2", "--batch_size=8", "--n_samples=1",
+            "--max_new_tokens=2", "--device=cpu", f"--study_dir={tmp_path}"]
+    paper_study.main(argv)
+    text = (tmp_path / 'tables.md').read_text()
+    for section, label in (('setting', '| paper / 1 |'), ('noise', '| paper / 1 / noise 0.2 |'),
+                           ('ambiguity', '| paper / 1 |')):
+        assert label in text.split(f'### {section}')[1].split('###')[0]
+    noisy = json.loads((tmp_path / 'noise0.2_paper_seed1' / 'report.json').read_text())
+    assert noisy['n_members'] == 8 and noisy['noise_routing'] is not None and len(noisy['greedy_correct']) > 0
+    written = os.path.getmtime(tmp_path / 'paper_seed1' / 'report.json')
+    paper_study.main(argv + ['--train=false'])                    # tabulates again, trains nothing
+    assert os.path.getmtime(tmp_path / 'paper_seed1' / 'report.json') == written
