@@ -1,19 +1,19 @@
 """
 Evaluating an ensemble of adapters: teacher-forced scores, decoding, and the SFT
-report (METHOD.md §6); evaluate_dpo.py holds the DPO report.
+report (METHOD.md §6); routing.py holds the measures of who explains what, evaluate_dpo.py the
+DPO report.
 
 Shared by train_sft.py, train_dpo.py and compare.py. Everything here takes a model
 whose logits carry a member axis, (M, B, T, V) (a single adapter is M = 1), and
 explicit arguments; it returns numbers and tensors and draws nothing (plots.py does).
 """
-import math
-
 import torch
 
 import benchmark
 import data
 from renyi_lora import (auroc, ece, expected_entropy, mixture_next_token_logprobs, mutual_information, posterior_weights,
-                        predictive_entropy, responsibilities, responsibility_entropy)
+                        predictive_entropy)
+from routing import per_prompt_specialisation, routing_matrix, soft_specialisation, specialisation, task_routing
 
 
 def device_of(model):
@@ -68,137 +68,6 @@ def greedy_decode(model, prompt, max_new_tokens, stop_token, mixture='sequence')
     """Greedy decoding of one of the ensemble's mixtures (MIXTURES): (B, T) prompts of equal length -> (B, T + new)."""
     return model.generate(prompt, max_new_tokens, temperature=0, stop_token=stop_token,
                           mixture=mixture if model.n_members else None)
-
-
-def specialisation(member_of_example, group_of_example):
-    """1 - H(group | member) / H(group): how much knowing the member tells the group.
-
-    1 when every member serves a single group, 0 when routing ignores the group.
-    Both arguments are equal-length sequences of labels. None with fewer than two groups.
-    """
-    groups = sorted(set(group_of_example))
-    if len(groups) < 2:
-        return None
-    n = len(group_of_example)
-    joint = {}
-    for member, group in zip(member_of_example, group_of_example):
-        joint[member, group] = joint.get((member, group), 0) + 1
-    group_counts = [group_of_example.count(g) for g in groups]
-    h_group = -sum(c / n * math.log(c / n) for c in group_counts)
-    h_group_given_member = 0.0
-    for member in set(member_of_example):
-        n_member = sum(c for (m, _), c in joint.items() if m == member)
-        h_group_given_member -= sum(c / n * math.log(c / n_member) for (m, _), c in joint.items() if m == member)
-    return 1.0 - h_group_given_member / h_group
-
-
-def soft_specialisation(logp, groups):
-    """I(group; member) / H(group) under the posterior responsibilities w_m(x) = softmax_m(log p_m(x)).
-
-        p(g, m) = (1/N) sum_{i: g_i = g} w_m(x_i)
-        I       = sum_{g, m} p(g, m) log( p(g, m) / (p(g) p(m)) )
-
-    logp: (M, N) log-likelihoods of N examples, groups: N labels -> float in [0, 1]:
-    0 when the members explain every example equally well (identical members, or
-    routing that ignores the group), 1 when each member explains one group alone.
-    Unlike an argmax, members that barely differ score near 0. None with fewer than two groups.
-    """
-    names = sorted(set(groups))
-    if len(names) < 2:
-        return None
-    weights = torch.softmax(logp.double(), dim=0)                            # (M, N)
-    one_hot = torch.tensor([[g == name for g in groups] for name in names], dtype=torch.float64)  # (G, N)
-    joint = one_hot @ weights.T / len(groups)                                # (G, M)
-    group_marginal, member_marginal = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
-    ratio = joint / (group_marginal * member_marginal)
-    mutual_information = (joint * ratio.clamp_min(1e-300).log()).sum()
-    group_entropy = -(group_marginal * group_marginal.log()).sum()
-    return (mutual_information / group_entropy).item()
-
-
-def per_prompt_specialisation(logp, groups, prompts):
-    """soft_specialisation within each prompt that several groups answered, averaged over those prompts.
-
-    logp: (M, N), groups and prompts: N labels -> float in [0, 1], or None without such a
-    prompt. 1 when, on every conflicting prompt, each group's response is explained by its
-    own members, even if which members side with which group changes from prompt to prompt;
-    soft_specialisation is 1 only when the sides stay the same across prompts.
-    """
-    rows_of = {}
-    for i, prompt in enumerate(prompts):
-        rows_of.setdefault(prompt, []).append(i)
-    scores = [soft_specialisation(logp[:, rows], [groups[i] for i in rows]) for rows in rows_of.values()]
-    scores = [score for score in scores if score is not None]
-    return sum(scores) / len(scores) if scores else None
-
-
-def task_routing(logp, alpha, rows):
-    """Do members specialise by task? On the rows every annotator agrees on (consistent and high-entropy):
-
-        task_routing         {task: [mean responsibility of member m at alpha]}, routing_matrix by task
-        task_specialisation  I(task; member) / H(task) = 1 - H(task | member) / H(task) under the posterior
-                             w_m(x) = softmax_m(log p_m(x)): soft_specialisation with tasks for groups
-
-    logp: (M, N) of the N rows -> a dict of both keys, each None without such rows (the second also with one task).
-    """
-    agreed = [i for i, row in enumerate(rows) if row.get('kind') in ('consistent', 'high_entropy') and row.get('task')]
-    tasks = [rows[i]['task'] for i in agreed]
-    return dict(task_routing=routing_matrix(logp[:, agreed], alpha, tasks) if tasks else None,
-                task_specialisation=soft_specialisation(logp[:, agreed], tasks))
-
-
-def member_shares(logp, alpha, n_tokens=None):
-    """Each member's share of the responsibility, mean_i softmax_m(alpha * log p_m(x_i)): (M,) summing to 1.
-
-    This is how much of the training signal each member receives at that alpha; 1/M each
-    when routing is uniform. n_tokens (N,): length-normalised routing, as in training.
-    """
-    return responsibilities(logp, alpha, n_tokens).mean(dim=1)
-
-
-def starved_members(shares, fraction=0.25):
-    """Members whose share of the responsibility is below fraction / M: [m, ...]. shares: (M,)."""
-    n_members = len(shares)
-    return [m for m, share in enumerate(shares.tolist()) if n_members > 1 and share < fraction / n_members]
-
-
-def routing_matrix(logp, alpha, groups):
-    """Mean responsibility of each member for each group: {group: [w_0, ..., w_{M-1}]}.
-
-    logp: (M, N), groups: N labels.
-    """
-    weights = responsibilities(logp, alpha)                                   # (M, N)
-    matrix = {}
-    for group in sorted(set(groups)):
-        columns = torch.tensor([g == group for g in groups])
-        matrix[group] = weights[:, columns].mean(1).tolist()
-    return matrix
-
-
-def responsibility_spread(logp, alpha):
-    """How the responsibilities w(x) = softmax_m(alpha * log p_m(x)) spread over the members, averaged over examples:
-
-        entropy   = mean_i -sum_m w_m(x_i) log w_m(x_i)   (nats; 0 on one member, log M when even)
-        top_share = mean_i max_m w_m(x_i)
-
-    logp: (M, N), N >= 1 -> {'entropy': float, 'top_share': float}.
-    """
-    weights = responsibilities(logp.double(), alpha)                          # (M, N)
-    return dict(entropy=responsibility_entropy(weights).mean().item(), top_share=weights.max(0).values.mean().item())
-
-
-def noise_routing(logp, alpha, rows):
-    """responsibility_spread of the corrupted training rows (`corrupted: True`) and of the clean consistent ones.
-
-    logp: (M, N) of the N rows -> {'corrupted': ..., 'clean': ...}; None without corrupted rows.
-    Shielding (the paper's claim) shows as corrupted rows on fewer members than clean ones.
-    """
-    corrupted = [i for i, row in enumerate(rows) if row.get('corrupted')]
-    clean = [i for i, row in enumerate(rows) if row.get('kind') == 'consistent' and not row.get('corrupted')]
-    if not corrupted or not clean:
-        return None
-    return dict(corrupted=responsibility_spread(logp[:, corrupted], alpha),
-                clean=responsibility_spread(logp[:, clean], alpha))
 
 
 def safe_auroc(pos_scores, neg_scores):

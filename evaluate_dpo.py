@@ -5,8 +5,9 @@ and the DPO report (METHOD.md §6). Split from evaluate.py, whose SFT read-outs 
 import torch
 
 import data
-from evaluate import device_of, routing_matrix, safe_auroc
+from evaluate import device_of, safe_auroc
 from renyi_lora import dpo_logp, dpo_loss, sequence_logprobs
+from routing import routing_matrix
 
 
 def report_group(row):

@@ -30,9 +30,9 @@ import conflict_sets
 import plots
 import train_sft
 from config import UserError, parse_args, run_script
-from evaluate import starved_members
 from renyi_lora import check_alpha
 from robustness import write_set
+from routing import starved_members
 
 STUDY = dict(
     set='long',                 # a set of conflict_sets.FAMILY

@@ -24,11 +24,11 @@ import data
 import plots
 from checkpoint import base_config, load_base, load_ensemble, read_checkpoint, read_resume, resume_from
 from config import UserError, parse_args, run_script
-from evaluate import (member_shares, noise_routing, rescaled_epistemic, routing_matrix, score_rows, sft_report,
-                      starved_members)
+from evaluate import rescaled_epistemic, score_rows, sft_report
 from lora import add_lora, clone_member, lora_parameters
 from renyi_lora import (alpha_at, check_alpha, floored_renyi_loss, label_smoothed_nll, prior_penalty,
                         response_lengths, responsibilities, responsibility_entropy, sequence_logprobs, ual_smoothing)
+from routing import member_shares, noise_routing, routing_matrix, starved_members
 from trainer import check_settings, learning_rate, setup_distributed, train_loop
 from verdict import answers_by_kind, held_out_thresholds
 

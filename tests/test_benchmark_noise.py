@@ -1,5 +1,5 @@
 """Label noise on the benchmark (benchmark.corrupt_responses) and the report keys that trace it
-(evaluate.noise_routing, evaluate.task_routing), each against a slow plain-Python reference."""
+(routing.noise_routing, routing.task_routing), each against a slow plain-Python reference."""
 import json
 import math
 
@@ -8,7 +8,7 @@ import torch
 
 import benchmark
 import data
-import evaluate
+import routing
 import train_sft
 from config import UserError
 
@@ -80,11 +80,11 @@ def test_noise_routing_against_a_plain_python_loop():
     rows = [dict(kind="consistent", corrupted=True), dict(kind="consistent"), dict(kind="conflicting"),
             dict(kind="consistent", corrupted=True), dict(kind="consistent")]
     for alpha in (0.0, 0.8, 2.0):
-        result = evaluate.noise_routing(torch.tensor(logp, dtype=torch.float64), alpha, rows)
+        result = routing.noise_routing(torch.tensor(logp, dtype=torch.float64), alpha, rows)
         for name, columns in (("corrupted", [0, 3]), ("clean", [1, 4])):
             expected = slow_spread(logp, alpha, columns)
             assert result[name] == pytest.approx(expected, abs=1e-9)
-    assert evaluate.noise_routing(torch.tensor(logp, dtype=torch.float64), 1.0, [dict(kind="consistent")] * 5) is None
+    assert routing.noise_routing(torch.tensor(logp, dtype=torch.float64), 1.0, [dict(kind="consistent")] * 5) is None
 
 
 def test_task_routing_and_specialisation_against_a_plain_python_loop():
@@ -93,7 +93,7 @@ def test_task_routing_and_specialisation_against_a_plain_python_loop():
             dict(kind="conflicting", task="sum_card"), dict(kind="consistent", task="add"),
             dict(kind="high_entropy", task="name"), dict(kind="ood", task="legs")]
     agreed, tasks = [0, 1, 3, 4], ["add", "name", "add", "name"]
-    result = evaluate.task_routing(torch.tensor(logp, dtype=torch.float64), 2.0, rows)
+    result = routing.task_routing(torch.tensor(logp, dtype=torch.float64), 2.0, rows)
     for task in ("add", "name"):
         columns = [i for i, t in zip(agreed, tasks) if t == task]
         for m in range(2):
@@ -110,5 +110,5 @@ def test_task_routing_and_specialisation_against_a_plain_python_loop():
     h_task = -sum(p * math.log(p) for p in p_task.values())
     h_task_given_member = -sum(p * math.log(p / p_member[m]) for (_, m), p in joint.items())
     assert result["task_specialisation"] == pytest.approx(1 - h_task_given_member / h_task, abs=1e-9)
-    assert evaluate.task_routing(torch.tensor(logp, dtype=torch.float64), 2.0, [dict(kind="conflicting")] * 6) == dict(
+    assert routing.task_routing(torch.tensor(logp, dtype=torch.float64), 2.0, [dict(kind="conflicting")] * 6) == dict(
         task_routing=None, task_specialisation=None)

@@ -7,7 +7,8 @@ import torch
 
 import data
 import evaluate
-from evaluate import member_shares, per_prompt_specialisation, score_batches, soft_specialisation, starved_members
+from evaluate import score_batches
+from routing import member_shares, per_prompt_specialisation, soft_specialisation, starved_members
 from test_model import TINY, tiny_ensemble
 
 
