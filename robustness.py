@@ -12,6 +12,7 @@ sets of conflict_sets.FAMILY x seeds x variants, each beside a single adapter
                          the equal-weight token mixture's NLL is shown beside it
     auroc_conflict       epistemic uncertainty per token separating conflicting from consistent prompts
                          (>= 0.9); beside it, auroc_answers: the members' disagreement about whole answers
+                         (blank, and not judged, for a report older than that read-out)
 
     python robustness.py                                   # every set, seeds 1337, 1, 2, variant 'default'
     python robustness.py --sets=user_160,long --seeds=1337 --variants=default,ramp,alpha_1
@@ -72,19 +73,20 @@ def row(name, seed, variant, report, single):
     d_nll_token = report['nll_token_mixture'] - single['nll_token_mixture']
     d_acc = report['accuracy_consistent'] - single['accuracy_consistent']
     soft = report['soft_specialisation']
+    answers = report.get('auroc_conflict_answers')          # None in a report older than the read-out
     misses = [what for what, ok in (
         ('starved', not report['starved_members']),
         ('soft', soft is None or (soft >= 0.5 if has_conflict else soft <= 0.1)),
         ('nll', d_nll <= 0.05), ('acc', d_acc >= -0.05),
         ('auroc', not has_conflict or (report['auroc_conflict'] or 0) >= 0.9),
-        ('auroc_answers', not has_conflict or (report.get('auroc_conflict_answers') or 0) >= 0.9)) if not ok]
+        ('auroc_answers', not has_conflict or answers is None or answers >= 0.9)) if not ok]
     return dict(set=name, seed=seed, variant=variant, soft_specialisation=soft,
                 per_prompt_specialisation=report.get('per_prompt_specialisation'),
                 starved=len(report['starved_members']), nll=report['nll'], d_nll=d_nll,
                 nll_token_mixture=report['nll_token_mixture'], d_nll_token_mixture=d_nll_token,
                 accuracy_consistent=report['accuracy_consistent'], d_acc=d_acc,
                 accuracy_consistent_token_mixture=report['accuracy_consistent_token_mixture'],
-                auroc_conflict=report['auroc_conflict'], auroc_conflict_answers=report.get('auroc_conflict_answers'),
+                auroc_conflict=report['auroc_conflict'], auroc_conflict_answers=answers,
                 misses=misses)
 
 
