@@ -24,7 +24,7 @@ import torch
 
 import plots
 import train_dpo
-from config import UserError, parse_args, run_script
+from config import UserError, parse_study_args, run_script
 from evaluate_dpo import pair_preference_variance
 from renyi_lora import check_alpha
 
@@ -129,11 +129,7 @@ def table(rows):
 
 
 def main(argv):
-    if '--help' in argv or '-h' in argv:
-        parse_args(STUDY, ['--help'])        # this docstring and the study's keys; train_dpo.py --help lists the rest
-    study_keys = [a for a in argv if a.split('=')[0][2:] in STUDY]
-    study = parse_args(STUDY, study_keys)
-    config = parse_args(train_dpo.defaults, [a for a in argv if a not in study_keys])
+    study, config = parse_study_args(STUDY, train_dpo.defaults, argv)
     for key, instead in PER_RUN.items():
         if any(a.startswith(f'--{key}=') for a in argv):
             raise UserError(f"--{key}: the study sets it for every run; use {instead}")

@@ -29,7 +29,7 @@ import torch
 import conflict_sets
 import plots
 import train_sft
-from config import UserError, parse_args, run_script
+from config import UserError, parse_args, parse_study_args, run_script
 from renyi_lora import check_alpha
 from robustness import write_set
 from routing import starved_members
@@ -49,11 +49,7 @@ NO_RAMP = dict(alpha_ramp_iters=0, alpha_hold_iters=0)
 def read_study(argv):
     """(study keys, train_sft config, [(n_members, length_normalise, alpha)] of the runs, table iters), every mistake
     a UserError."""
-    if '--help' in argv or '-h' in argv:
-        parse_args(STUDY, ['--help'])        # this docstring and the study's keys; train_sft.py --help lists the rest
-    study_keys = [a for a in argv if a.split('=')[0][2:] in STUDY]
-    study = parse_args(STUDY, study_keys)
-    config = parse_args(train_sft.defaults, [a for a in argv if a not in study_keys])
+    study, config = parse_study_args(STUDY, train_sft.defaults, argv)
     if any(a.startswith('--n_members=') for a in argv):
         raise UserError("--n_members: this study takes --members=4,8")
     if study['set'] not in conflict_sets.FAMILY:

@@ -25,7 +25,7 @@ from its checkpoint (train_sft.finished_report). Writes study_dir/tables.md.
 import os
 
 import train_sft
-from config import UserError, parse_args, run_script
+from config import UserError, parse_study_args, run_script
 from evaluate import markdown_table
 
 # train_sft.py overrides of each variant
@@ -107,11 +107,7 @@ def tables(reports):
 
 
 def main(argv):
-    study_keys = [a for a in argv if a.split('=')[0][2:] in STUDY]
-    if '--help' in argv or '-h' in argv:
-        parse_args(STUDY, ['--help'])        # this docstring and the study's keys; train_sft.py --help lists the rest
-    study = parse_args(STUDY, study_keys)
-    config = parse_args(train_sft.defaults, [a for a in argv if a not in study_keys])
+    study, config = parse_study_args(STUDY, train_sft.defaults, argv)
     variants = study['variants'].split(',')
     for variant in variants:
         if variant not in VARIANTS:

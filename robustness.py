@@ -29,7 +29,7 @@ import os
 import conflict_sets
 import data
 import train_sft
-from config import UserError, parse_args, run_script
+from config import UserError, parse_study_args, run_script
 
 # Each variant is a set of train_sft.py overrides; 'single' is the reference every variant is compared with.
 VARIANTS = {
@@ -107,11 +107,7 @@ def table(rows):
 
 
 def main(argv):
-    if '--help' in argv or '-h' in argv:
-        parse_args(STUDY, ['--help'])        # this docstring and the study's keys; train_sft.py --help lists the rest
-    study_keys = [a for a in argv if a.split('=')[0][2:] in STUDY]
-    study = parse_args(STUDY, study_keys)
-    config = parse_args(train_sft.defaults, [a for a in argv if a not in study_keys])
+    study, config = parse_study_args(STUDY, train_sft.defaults, argv)
     names = list(conflict_sets.FAMILY) if study['sets'] == 'all' else study['sets'].split(',')
     variants = study['variants'].split(',')
     for name in names:
