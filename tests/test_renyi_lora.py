@@ -1,5 +1,6 @@
-"""Tests for renyi_lora.py: every check compares against an independent reference
-(a pure-Python loop, the plain formula under float64 autograd, or a number worked out by hand)."""
+"""Tests for renyi_lora.py's losses and routing (test_readouts.py has its read-outs): every check
+compares against an independent reference (a pure-Python loop, the plain formula under float64
+autograd, or a number worked out by hand)."""
 import math
 
 import pytest
@@ -7,8 +8,7 @@ import torch
 
 import torch.nn.functional as F
 
-from renyi_lora import (alpha_at, auroc, ece, expected_entropy, floored_renyi_loss, label_smoothed_nll,
-                        mutual_information, predictive_entropy, predictive_loss, prior_penalty, renyi_loss,
+from renyi_lora import (alpha_at, floored_renyi_loss, label_smoothed_nll, predictive_loss, prior_penalty, renyi_loss,
                         response_lengths, responsibilities, responsibility_entropy, sequence_logprobs, ual_smoothing,
                         vb_loss)
 
@@ -349,81 +349,6 @@ def test_prior_penalty_matches_per_member_sum():
     expected = 0.3 * squared / (2 * 1.5 ** 2 * 100 * n_members)
     penalty = prior_penalty([lora_A, lora_B], n_train=100, n_members=n_members, sigma_p=1.5, weight=0.3)
     assert penalty.item() == pytest.approx(expected, rel=1e-12)
-
-
-# ---------------------------------------------------------------------------
-# Uncertainty read-outs
-
-def entropy(p):
-    return -math.fsum(x * math.log(x) for x in p if x > 0)
-
-
-def test_entropies_hand_values():
-    probs = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)  # (M=2, V=3)
-    total = entropy([0.75, 0.25])
-    aleatoric = (math.log(2) + 0.0) / 2
-    assert predictive_entropy(probs).item() == pytest.approx(total, abs=1e-12)
-    assert expected_entropy(probs).item() == pytest.approx(aleatoric, abs=1e-12)
-    assert mutual_information(probs).item() == pytest.approx(total - aleatoric, abs=1e-12)
-
-
-def test_mutual_information_is_zero_when_members_agree():
-    member = [0.2, 0.3, 0.5]
-    probs = torch.tensor([member, member, member])             # (M=3, V=3)
-    assert predictive_entropy(probs).item() == pytest.approx(entropy(member), abs=1e-6)
-    assert expected_entropy(probs).item() == pytest.approx(entropy(member), abs=1e-6)
-    assert mutual_information(probs).item() == pytest.approx(0.0, abs=1e-6)
-
-
-def test_mutual_information_is_log_2_for_two_certain_disagreeing_members():
-    probs = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])  # (M=2, V=4)
-    assert predictive_entropy(probs).item() == pytest.approx(math.log(2), abs=1e-6)
-    assert expected_entropy(probs).item() == 0.0
-    assert mutual_information(probs).item() == pytest.approx(math.log(2), abs=1e-6)
-
-
-def test_mutual_information_nonnegative_and_equal_to_difference_with_batch_axes():
-    torch.manual_seed(6)
-    probs = torch.softmax(2 * torch.randn(4, 3, 2, 7, dtype=torch.float64), dim=-1)  # (M, B, T, V)
-    mi = mutual_information(probs)
-    assert mi.shape == (3, 2)
-    assert (mi >= 0).all()
-    for b in range(3):
-        for t in range(2):
-            members = probs[:, b, t].tolist()
-            mixture = [sum(col) / 4 for col in zip(*members)]
-            expected = entropy(mixture) - sum(entropy(p) for p in members) / 4
-            assert mi[b, t].item() == pytest.approx(expected, abs=1e-12)
-
-
-# ---------------------------------------------------------------------------
-# Evaluation: AUROC and ECE
-
-def test_auroc_hand_cases():
-    # Pairs (pos, neg): (1,2) lose, (1,0) win, (2,2) tie, (2,0) win -> (2 + 0.5) / 4
-    assert auroc([1.0, 2.0], [2.0, 0.0]) == 0.625
-    assert auroc([3.0, 4.0, 5.0], [0.0, 1.0]) == 1.0
-    assert auroc([0.0, 1.0], [3.0, 4.0, 5.0]) == 0.0
-    assert auroc([1.0, 1.0], [1.0]) == 0.5
-    assert auroc(torch.tensor([0.9, 0.1, 0.6]), torch.tensor([0.2, 0.5])) == pytest.approx(4 / 6)
-    with pytest.raises(ValueError):
-        auroc([], [1.0])
-
-
-def test_ece_hand_cases():
-    confidence = [0.2, 0.4, 0.6, 0.9, 1.0]
-    correct = [False, True, True, False, True]
-    # 2 bins: [0, .5) holds .2, .4 (acc 1/2, conf .3); [.5, 1] holds .6, .9, 1 (acc 2/3, conf 2.5/3)
-    assert ece(confidence, correct, n_bins=2) == pytest.approx(2 / 5 * 0.2 + 3 / 5 * (1 / 6), abs=1e-12)
-    # 3 bins: {.2} acc 0; {.4, .6} acc 1, conf .5; {.9, 1.0} acc 1/2, conf .95
-    assert ece(confidence, torch.tensor(correct), n_bins=3) == pytest.approx(
-        1 / 5 * 0.2 + 2 / 5 * 0.5 + 2 / 5 * 0.45, abs=1e-12)
-
-
-def test_ece_confidence_one_falls_in_last_bin():
-    # Together in bin 9: |1/2 - 0.975| = 0.475. Dropped or binned alone, it would give 0.025 or 0.525.
-    assert ece([1.0, 0.95], [False, True], n_bins=10) == pytest.approx(0.475, abs=1e-12)
-    assert ece([1.0, 1.0], [True, True]) == 0.0
 
 
 @pytest.mark.parametrize("floor", [0.0, 0.1, 1.0])
