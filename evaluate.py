@@ -257,9 +257,10 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
     aleatoric = per_prompt_mean(scores['aleatoric'] / scores['n_tokens'].clamp(min=1), test_rows)
     kind_of = {row['prompt']: row.get('kind', 'consistent') for row in test_rows}
     by_kind = by_kind_of(epistemic, kind_of)
+    aleatoric_by_kind = by_kind_of(aleatoric, kind_of)
     from_answers = answer_readouts(answers, test_rows) if answers else dict(
         disagreement={}, member_accuracy=None, greedy_correct=None)
-    disagreement_by_kind = by_kind_of(from_answers['disagreement'], kind_of) if answers else {}
+    disagreement_by_kind = by_kind_of(from_answers['disagreement'], kind_of)   # empty lists without answers
     conflicting = [i for i, kind in enumerate(kinds) if kind == 'conflicting' and test_rows[i].get('group')]
     groups = [test_rows[i]['group'] for i in conflicting]
     # rows an annotator group answered: the conflicting ones, and any agreed rows that still carry a group
@@ -273,7 +274,7 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
                       [test_rows[i]['prompt'] for i in grouped]),
                   argmax_specialisation=specialisation(members, groups),
                   routing=routing_matrix(scores['logp'][:, conflicting], alpha, groups) if groups else None)
-    report |= kind_aurocs(by_kind, by_kind_of(aleatoric, kind_of), disagreement_by_kind)
+    report |= kind_aurocs(by_kind, aleatoric_by_kind, disagreement_by_kind)
     report |= dict(auroc_ood=None, auroc_ood_vs_consistent=None, coherence=None)
     report |= task_routing(scores['logp'], alpha, test_rows)
     if ood_rows:
@@ -284,10 +285,10 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
     for name, suffix in MIXTURES.items():          # greedy answers of each mixture to the prompts of each kind
         for kind in ('consistent', 'high_entropy', 'conflicting'):
             rows = [row for row in test_rows if row.get('kind', 'consistent') == kind]
-            answers = greedy_answers(model, tokenizer, rows, max_new_tokens, name)
-            report[f'accuracy_{kind}{suffix}'] = greedy_accuracy(answers)
+            decoded = greedy_answers(model, tokenizer, rows, max_new_tokens, name)
+            report[f'accuracy_{kind}{suffix}'] = greedy_accuracy(decoded)
             if kind == 'conflicting':
-                report[f'ensemble_coherence{suffix}'] = ensemble_coherence(answers)
+                report[f'ensemble_coherence{suffix}'] = ensemble_coherence(decoded)
     conflict_rows = [row for row in test_rows
                      if row.get('kind') == 'conflicting' and row.get('task') in benchmark.CARD_FIELDS]
     if conflict_rows:
@@ -296,7 +297,7 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
         report |= calibration(scores, suffix)
     mean_by_kind = lambda scores: {kind: sum(v) / len(v) for kind, v in scores.items() if v}
     report |= dict(epistemic_by_kind=mean_by_kind(by_kind),
-                   aleatoric_by_kind=mean_by_kind(by_kind_of(aleatoric, kind_of)),
+                   aleatoric_by_kind=mean_by_kind(aleatoric_by_kind),
                    disagreement_by_kind=mean_by_kind(disagreement_by_kind),
                    member_accuracy_consistent=from_answers['member_accuracy'],
                    greedy_correct=from_answers['greedy_correct'])
