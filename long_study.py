@@ -74,19 +74,15 @@ def run_dir(study_dir, n_members, alpha, length_normalise):
 
 
 def run(config, set_name, n_members, length_normalise, alpha, study_dir, train=True):
-    """(report, history) of one run, trained unless its report.json exists; None when not run and not trained."""
+    """(report, history) of one run (train_sft.finished_report); None when not run and not trained."""
     train_path, test_path = write_set(set_name, study_dir)
     out_dir = run_dir(study_dir, n_members, alpha, length_normalise)
-    if not os.path.exists(os.path.join(out_dir, 'report.json')):
-        if not train:
-            return None
-        print(f"== M {n_members}, alpha {alpha:g}, length_normalise {length_normalise}", flush=True)
-        train_sft.train(config | NO_RAMP | dict(data=train_path, val_data=test_path, out_dir=out_dir, alpha=alpha,
-                                                n_members=n_members, length_normalise=length_normalise))
-    with open(os.path.join(out_dir, 'report.json')) as f:
-        report = json.load(f)
-    history = torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)['history']
-    return report, history
+    report = train_sft.finished_report(config | NO_RAMP | dict(
+        data=train_path, val_data=test_path, out_dir=out_dir, alpha=alpha, n_members=n_members,
+        length_normalise=length_normalise), train)
+    if report is None:
+        return None
+    return report, torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)['history']
 
 
 def row(n_members, alpha, length_normalise, report, history, table_iters):

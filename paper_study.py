@@ -41,6 +41,7 @@ STUDY = dict(variants=','.join(VARIANTS), seeds='1337,1,2', noise='0.2', noise_s
 
 
 def run_dir(study_dir, variant, seed, noise=0.0):
+    """study_dir/<variant>_seed<seed>, or noise<share>_<variant>_seed<seed> with label noise."""
     return os.path.join(study_dir, (f'noise{noise}_' if noise else '') + f'{variant}_seed{seed}')
 
 
