@@ -22,14 +22,16 @@ The knobs of make_conflict_set:
 - imbalance: the share of conflicting training rows from the largest group, g0,
   made by duplicating g0's rows (the others keep one row per prompt); it runs
   from 1/n_groups (balanced) to below 1. Held-out rows have one row per group;
-- conflict_share: the share of distinct prompts that are record prompts;
+- conflict_share: the share of distinct training prompts that are record prompts;
 - convention: "global", each group gives one fixed response to every prompt;
   "per_prompt", each group writes the prompt's three facts with its own keys
   and in its own order (cycling through them for more than three fields), so a
   held-out prompt tests whether a member learned the group's convention;
   "shared", the control: every group writes g0's per_prompt response, so the
   rows keep their groups but nothing conflicts (their kind is "consistent").
-About 22 % of each task's prompts are held out (never trained on).
+About 22 % of each task's prompts are held out (never trained on), topped up to 40 prompts of
+each task from the world's prompts that no training row uses, where there are enough, so that an
+accuracy on the held-out file moves by at most 0.025 per prompt.
 
     python conflict_sets.py --name=user_160            # out/conflict_sets/user_160/{train,test}.jsonl
     python conflict_sets.py --name=all --seed=1        # every set of FAMILY
@@ -47,6 +49,7 @@ from config import UserError, parse_args, run_script
 CONVENTIONS = ("global", "per_prompt", "shared")
 TEST_FRACTION = 0.22   # share of each task's distinct prompts held out
 MIN_TEST_PROMPTS = 3   # ... but at least this many of each task
+TEST_PROMPTS = 40      # ... topped up to this many from the world's unused prompts: one prompt moves an accuracy by 0.025
 MAX_GROUPS = 8
 MAX_RESPONSE_WORDS = 16  # 16 fields stay under the base's block_size of 128 tokens
 # Field names and global values: short English words the shipped tokenizer splits into at most 2 tokens, so a
@@ -178,6 +181,13 @@ def g0_rows_per_prompt(g0_copies, n_prompts, rng):
     return [whole + (i in extra) for i in range(n_prompts)]
 
 
+def split_prompts(items, n_test, n_train):
+    """(training, held-out) items: n_test held out, the next n_train trained on, then the held-out
+    ones topped up to TEST_PROMPTS from the items after those (none of them trained on)."""
+    train = items[n_test:n_test + n_train]
+    return train, (items[:n_test] + items[n_test + n_train:])[:max(n_test, TEST_PROMPTS)]
+
+
 def repeat_to(rows, n_rows, rng):
     """Exactly n_rows rows: whole copies of rows, then a seeded sample of them without repeats."""
     repeated = rows * (n_rows // len(rows))
@@ -199,8 +209,8 @@ def make_conflict_set(n_rows=160, response_words=2, n_groups=2, imbalance=0.5, c
     if min(n_train) < 2:
         raise ValueError(f"conflict_share={conflict_share}: fewer than 2 training prompts of a task at n_rows={n_rows}")
     n_test = [max(MIN_TEST_PROMPTS, round(n * TEST_FRACTION / (1 - TEST_FRACTION))) for n in n_train]
-    test_facts, train_facts = facts[:n_test[0]], facts[n_test[0]:n_test[0] + n_train[0]]
-    test_records, train_records = records[:n_test[1]], records[n_test[1]:n_test[1] + n_train[1]]
+    train_facts, test_facts = split_prompts(facts, n_test[0], n_train[0])
+    train_records, test_records = split_prompts(records, n_test[1], n_train[1])
     test = [fact_row(*item) for item in test_facts]
     test += [row for item in test_records for row in record_rows(*item, styles, convention, 1)]
     train = [fact_row(*item) for item in train_facts]

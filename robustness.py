@@ -18,6 +18,7 @@ sets of conflict_sets.FAMILY x seeds x variants, each beside a single adapter
     python robustness.py --sets=user_160,long --seeds=1337 --variants=default,ramp,alpha_1
     python robustness.py --max_iters=200                   # any train_sft.py key applies to every run
     python robustness.py --train=false                     # the table of the runs that have finished
+    python robustness.py --reevaluate=true                 # finished runs evaluated again (a new held-out file)
     python robustness.py --help                            # these keys; train_sft.py --help lists the others
 
 A run whose report.json exists is not trained again, so an interrupted study
@@ -42,25 +43,26 @@ VARIANTS = {
     'revive': dict(revive_interval=50),
 }
 STUDY = dict(sets='all', seeds='1337,1,2', variants='default', study_dir='out/robustness',
-             train=True)  # --train=false: only tabulate the runs that have finished
+             train=True,         # --train=false: only tabulate the runs that have finished
+             reevaluate=False)   # --reevaluate=true: evaluate finished runs again from their checkpoints
 
 
 def write_set(name, study_dir):
-    """Write the conflict set `name` (seed 0) as JSONL once; returns (train path, test path)."""
+    """Write the conflict set `name` (seed 0) as JSONL, anew each time (it is deterministic and takes
+    milliseconds, so the files always follow today's conflict_sets.py); returns (train path, test path)."""
     paths = [os.path.join(study_dir, 'data', name, f'{split}.jsonl') for split in ('train', 'test')]
-    if not all(os.path.exists(path) for path in paths):
-        splits = conflict_sets.make_conflict_set(**conflict_sets.FAMILY[name], seed=0)
-        for path, split in zip(paths, ('train', 'test')):
-            data.write_jsonl(splits[split], path)
+    splits = conflict_sets.make_conflict_set(**conflict_sets.FAMILY[name], seed=0)
+    for path, split in zip(paths, ('train', 'test')):
+        data.write_jsonl(splits[split], path)
     return paths
 
 
-def run(config, name, seed, variant, study_dir, train=True):
+def run(config, name, seed, variant, study_dir, train=True, reevaluate=False):
     """The report of one (set, seed, variant) run (train_sft.finished_report; None: not run, not trained)."""
     train_path, test_path = write_set(name, study_dir)
     out_dir = os.path.join(study_dir, name, f'{variant}_seed{seed}')
     run_config = config | VARIANTS[variant] | dict(data=train_path, val_data=test_path, out_dir=out_dir, seed=seed)
-    return train_sft.finished_report(run_config, train)
+    return train_sft.finished_report(run_config, train, reevaluate)
 
 
 def row(name, seed, variant, report, single):
@@ -119,9 +121,10 @@ def main(argv):
     rows = []
     for name in names:
         for seed in [int(s) for s in study['seeds'].split(',')]:
-            single = run(config, name, seed, 'single', study['study_dir'], study['train'])
-            for variant in variants:
-                report = run(config, name, seed, variant, study['study_dir'], study['train'])
+            runs = {variant: run(config, name, seed, variant, study['study_dir'], study['train'], study['reevaluate'])
+                    for variant in ['single'] + variants}
+            single = runs.pop('single')
+            for variant, report in runs.items():
                 if single is not None and report is not None:
                     rows.append(row(name, seed, variant, report, single))
     text = table(rows)

@@ -225,29 +225,33 @@ def train(config, lr_schedule=learning_rate, on_step=None):
     return model, tokenizer, report, readouts
 
 
-def finished_report(config, may_train=True):
+def finished_report(config, may_train=True, reevaluate=False):
     """The report.json of the run in config['out_dir'], trained first unless it exists (None: absent, may_train false).
 
-    A report written before today's read-outs (no auroc_conflict_answers) is made again from
-    the run's checkpoint: train resumes at its last step, trains no further and evaluates with
-    today's code. The study scripts (robustness.py, paper_study.py) read their runs through this.
+    A report written before today's read-outs (no auroc_conflict_answers), or any report when
+    reevaluate is true, is made again from the run's checkpoint: train resumes at its last step,
+    trains no further and evaluates with today's code and held-out file. The study scripts
+    (robustness.py, paper_study.py, long_study.py) read their runs through this.
     """
     report_path = os.path.join(config['out_dir'], 'report.json')
+
+    def read():
+        with open(report_path) as f:
+            return json.load(f)
+
     if not os.path.exists(report_path):
         if not may_train:
             return None
         print(f"== {config['out_dir']}", flush=True)
         train(config)
-    with open(report_path) as f:
-        report = json.load(f)
-    if 'auroc_conflict_answers' not in report and may_train:
+    elif may_train and (reevaluate or 'auroc_conflict_answers' not in read()):
         print(f"== {config['out_dir']}: evaluated again from its checkpoint", flush=True)
-        train_seconds = report['train_seconds']
+        train_seconds = read()['train_seconds']
         _, _, report, _ = train(config | dict(resume=True))
         report['train_seconds'] = train_seconds          # the training's, not the re-evaluation's
         with open(report_path, 'w') as f:
             json.dump(report, f, indent=2)
-    return report
+    return read()
 
 
 def validate(model, tokenizer, val_rows, config, history, it):

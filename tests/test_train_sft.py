@@ -206,6 +206,27 @@ def test_length_normalise_must_be_a_bool(files, tmp_path):
 # ---------------------------------------------------------------------------
 # resume
 
+def test_finished_report_trains_once_and_reevaluates_on_a_new_held_out_file(files, tmp_path):
+    held_out = tmp_path / "held_out.jsonl"
+    data.write_jsonl(user_rows(with_groups=True)[::2], held_out)       # 4 consistent prompts, 6 conflicting rows
+    config = tiny_config(files, tmp_path / "run", val_data=str(held_out))
+    first = train_sft.finished_report(config)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    assert train_sft.finished_report(config) == first                 # finished: read, not trained again
+    assert train_sft.finished_report(config, may_train=False) == first
+    assert train_sft.finished_report(tiny_config(files, tmp_path / "absent"), may_train=False) is None
+    data.write_jsonl(user_rows(with_groups=True)[:16], held_out)         # a new held-out file: consistent prompts only
+    assert train_sft.finished_report(config) == first                  # ... not read unless asked
+    again = train_sft.finished_report(config, reevaluate=True)
+    after = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    assert after["iter"] == ckpt["iter"] == 20                           # evaluated, not trained further
+    assert all(torch.equal(after["adapters"][key], value) for key, value in ckpt["adapters"].items())
+    assert again["train_seconds"] == first["train_seconds"]              # the training's time is kept
+    assert first["auroc_conflict"] is not None and again["auroc_conflict"] is None   # no conflicting rows now
+    with open(tmp_path / "run" / "report.json") as f:
+        assert json.load(f) == again
+
+
 def test_ctrl_c_checkpoints_the_step_and_resume_continues_exactly(files, tmp_path):
     """2N steps straight equal a run stopped by Ctrl-C (SIGINT) after a random step k and resumed, to the bit.
 
