@@ -81,18 +81,23 @@ def prompt(question):
     return f"Question: {question}\nAnswer:"
 
 
-def fact_items():
-    """(prompt, response) of every consistent prompt, in a fixed order."""
+def fact_questions():
+    """(question kind, prompt, response) of every consistent prompt, in a fixed order."""
     items = []
     for country, capital, continent in COUNTRIES:
-        items += [(prompt(f"What is the capital city of {country}?"), f" {capital}"),
-                  (prompt(f"On which continent is {country}?"), f" {continent}")]
+        items += [("capital", prompt(f"What is the capital city of {country}?"), f" {capital}"),
+                  ("continent", prompt(f"On which continent is {country}?"), f" {continent}")]
     for animal, sound, legs in ANIMALS:
-        items += [(prompt(f"Which sound does the {animal} make?"), f" {sound}"),
-                  (prompt(f"How many legs does the {animal} have?"), f" {legs}")]
+        items += [("sound", prompt(f"Which sound does the {animal} make?"), f" {sound}"),
+                  ("legs", prompt(f"How many legs does the {animal} have?"), f" {legs}")]
     for a, b in itertools.product(range(10), repeat=2):
-        items.append((prompt(f"What do {a} and {b} add up to?"), f" {a + b}"))
+        items.append(("sum", prompt(f"What do {a} and {b} add up to?"), f" {a + b}"))
     return items
+
+
+def fact_items():
+    """(prompt, response) of every consistent prompt, in a fixed order."""
+    return [(prompt_text, response) for _, prompt_text, response in fact_questions()]
 
 
 def record_items():
@@ -220,6 +225,43 @@ def make_conflict_set(n_rows=160, response_words=2, n_groups=2, imbalance=0.5, c
     rng.shuffle(train)
     rng.shuffle(test)
     return dict(train=train, test=test)
+
+
+def make_pair_set(seed=0, **knobs):
+    """dict(train=[...], test=[...]) of preference pairs (prompt, chosen, rejected, task, group) made from
+    make_conflict_set(**knobs, seed=seed), row for row:
+
+    - a record row of group g gives one pair for every other group h: g's response chosen over h's
+      (contested: h's rows give the same pair swapped), so imbalance carries over as g0's repeated pairs;
+    - a fact row gives one consensus pair: its right answer chosen over the right answer of another
+      prompt of the same question kind (a wrong capital, a wrong sum, ...), drawn with the seed.
+    The control set (convention "shared") has no record pairs: every group gives the same response.
+    """
+    rows = make_conflict_set(**knobs, seed=seed)
+    rng = random.Random(seed)
+    kind_of = {prompt_text: kind for kind, prompt_text, _ in fact_questions()}
+    answers = {}                               # question kind -> its distinct right answers, in a fixed order
+    for kind, _, response in fact_questions():
+        if response not in answers.setdefault(kind, []):
+            answers[kind].append(response)
+
+    def pairs(split):
+        responses = {}                         # record prompt -> {group: its response}
+        for row in split:
+            if row["task"] == "record":
+                responses.setdefault(row["prompt"], {})[row["group"]] = row["response"]
+        out = []
+        for row in split:
+            if row["task"] == "fact":
+                wrong = rng.choice([a for a in answers[kind_of[row["prompt"]]] if a != row["response"]])
+                out.append(dict(prompt=row["prompt"], chosen=row["response"], rejected=wrong, task="fact", group=ALL))
+            else:
+                out += [dict(prompt=row["prompt"], chosen=row["response"], rejected=other, task="record",
+                             group=row["group"])
+                        for group, other in responses[row["prompt"]].items()
+                        if group != row["group"] and other != row["response"]]
+        return out
+    return dict(train=pairs(rows["train"]), test=pairs(rows["test"]))
 
 
 # -----------------------------------------------------------------------------

@@ -100,11 +100,14 @@ def get_tokenizer(name=DEFAULT_TOKENIZER):
 # JSONL: writing the benchmark, loading and validating a user's own data
 
 def write_jsonl(rows, path):
-    """Write a list of dicts as one JSON object per line (UTF-8)."""
+    """Write a list of dicts as one JSON object per line (UTF-8). The file appears whole or not at all
+    (written aside, then renamed), so a run reading it while a study writes it again sees one version."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    aside = f"{path}.{os.getpid()}.tmp"     # one per process: two studies may write the same file
+    with open(aside, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(aside, path)
 
 
 def read_jsonl(path):

@@ -30,6 +30,7 @@ from config import UserError, parse_args, run_script
 from evaluate_dpo import dpo_report, group_masks, pair_logprobs, reward_margins, score_pairs
 from lora import lora_parameters
 from renyi_lora import alpha_at, check_alpha, dpo_logp, renyi_loss
+from routing import member_shares, starved_members
 from trainer import check_settings, train_loop
 from verdict import held_out_thresholds
 
@@ -137,8 +138,10 @@ def train(config):
     print_report(report, margins_by_group)
     plots.dpo_plots(config['out_dir'], margins_by_group, report['routing'])
     torch.save(margins_by_group, os.path.join(config['out_dir'], 'margins.pt'))  # the test pairs' margins, for studies
-    train_margins, _ = reward_margins(model, encoded['train'], reference_logps['train'], tokenizer.eot_token,
-                                      config['beta'], config['label_smoothing'], config['batch_size'])
+    train_margins, train_logp = reward_margins(model, encoded['train'], reference_logps['train'], tokenizer.eot_token,
+                                               config['beta'], config['label_smoothing'], config['batch_size'])
+    shares = member_shares(train_logp, config['alpha'])  # of the training pairs' responsibility, as in train_sft.py
+    report['member_share'], report['starved_members'] = shares.tolist(), starved_members(shares)
     report['train_accuracy_by_group'] = {g: (train_margins[:, mask] > 0).float().mean(1).tolist()
                                          for g, mask in group_masks(train_rows).items()}  # learned, not generalised
     print("training pairs: " + ', '.join(f"{g} " + ' '.join(f"{a:.2f}" for a in accuracy)

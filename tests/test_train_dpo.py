@@ -236,6 +236,10 @@ def test_tiny_run_learns_its_training_pairs_and_writes_report_and_plots(files, t
     assert set(saved["routing"]) == set(saved["ensemble_accuracy_by_group"]) == set(saved["accuracy_by_group"])
     assert all(sum(w) == pytest.approx(1.0) for w in saved["routing"].values())
     assert isinstance(saved["auroc_contested"], float) and saved["train_seconds"] >= 0
+    # each member's share of the training pairs' responsibility: softmax_m(alpha log sigmoid(beta h_m)), averaged
+    shares = torch.softmax(config["alpha"] * torch.nn.functional.logsigmoid(margins.double()), dim=0).mean(1)
+    assert saved["member_share"] == pytest.approx(shares.tolist(), abs=1e-5)
+    assert saved["starved_members"] == [m for m, share in enumerate(shares.tolist()) if share < 0.25 / 2]
     test_margins = torch.load(tmp_path / "margins.pt")                          # {group: (M, n)}, the report's pairs
     contested = torch.cat([m for g, m in test_margins.items() if g.startswith("contested")], dim=1)
     assert saved["preference_variance"]["contested"] == pytest.approx(

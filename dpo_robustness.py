@@ -1,0 +1,121 @@
+"""
+Does the DPO default survive preference data it was not tuned on? train_dpo.py on the pair sets
+of conflict_sets.make_pair_set (the SFT family's sets, row for row made into pairs), starting from
+robustness.py's SFT runs of the same set and seed, beside plain DPO from the single adapter (M = 1):
+
+    starved      members below 1/(4M) of the training pairs' responsibility (target 0)
+    sides        for each annotator group, its best member's accuracy on the group's held-out
+                 contested pairs (target >= 0.9 for every group: some member takes each side)
+    consensus    the ensemble's accuracy on held-out consensus pairs, against plain DPO's
+                 (target: at most 0.05 lower), and its worst member's
+    auroc        auroc_contested: the members' disagreement about the margin separating contested
+                 from consensus pairs (target >= 0.9)
+
+    python dpo_robustness.py                                     # the sets with conflict, seed 1337
+    python dpo_robustness.py --sets=user_160 --seeds=1337,1 --alpha=1.0   # any train_dpo.py key applies
+    python dpo_robustness.py --train=false                       # the table of the runs that have finished
+
+The SFT runs are trained first if missing (robustness.run), the DPO runs unless their report.json
+exists. Runs go to study_dir/<set>/dpo_<variant>_seed<S>; writes study_dir/dpo_table.md.
+"""
+import json
+import os
+
+import conflict_sets
+import data
+import robustness
+import train_dpo
+import train_sft
+from config import UserError, parse_study_args, run_script
+
+SETS = [name for name, knobs in conflict_sets.FAMILY.items() if knobs['convention'] != 'shared']
+STUDY = dict(sets=','.join(name for name in SETS if name != 'large_2000'), seeds='1337', variants='default',
+             study_dir='out/robustness',
+             train=True)  # --train=false: only tabulate the runs that have finished
+
+
+def write_pairs(name, study_dir):
+    """Write the pair set of `name` (seed 0) as JSONL; returns (train path, test path)."""
+    paths = [os.path.join(study_dir, 'data', name, f'pairs_{split}.jsonl') for split in ('train', 'test')]
+    splits = conflict_sets.make_pair_set(**conflict_sets.FAMILY[name], seed=0)
+    for path, split in zip(paths, ('train', 'test')):
+        data.write_jsonl(splits[split], path)
+    return paths
+
+
+def dpo_run(config, name, seed, variant, study_dir, train=True):
+    """The DPO report of one (set, seed, SFT variant) run, its SFT run made first; None: not run, not trained."""
+    if robustness.run(train_sft.defaults | dict(device=config['device']), name, seed, variant, study_dir, train) is None:
+        return None
+    train_path, test_path = write_pairs(name, study_dir)
+    out_dir = os.path.join(study_dir, name, f'dpo_{variant}_seed{seed}')
+    report_path = os.path.join(out_dir, 'report.json')
+    if not os.path.exists(report_path):
+        if not train:
+            return None
+        print(f"== {out_dir}", flush=True)
+        train_dpo.train(config | dict(data=train_path, val_data=test_path, seed=seed, out_dir=out_dir,
+                                      sft_dir=os.path.join(study_dir, name, f'{variant}_seed{seed}')))
+    with open(report_path) as f:
+        return json.load(f)
+
+
+def row(name, seed, variant, report, single):
+    """The table's measures of one DPO run against plain DPO on the same set and seed."""
+    accuracy = report['accuracy_by_group']
+    sides = {group.split('/', 1)[1]: max(accuracy[group]) for group in accuracy if group.startswith('contested/')}
+    consensus = report['ensemble_accuracy_by_group']['consensus']
+    d_consensus = consensus - single['ensemble_accuracy_by_group']['consensus']
+    starved = report.get('starved_members', [])
+    misses = [what for what, ok in (
+        ('starved', not starved), ('sides', min(sides.values()) >= 0.9), ('consensus', d_consensus >= -0.05),
+        ('auroc', (report['auroc_contested'] or 0) >= 0.9)) if not ok]
+    return dict(set=name, seed=seed, variant=variant, starved=len(starved), sides=sides, consensus=consensus,
+                d_consensus=d_consensus, worst_member_consensus=min(accuracy['consensus']),
+                single_sides=max(single['accuracy_by_group'][f'contested/{g}'][0] for g in sides),
+                auroc_contested=report['auroc_contested'], misses=misses)
+
+
+def table(rows):
+    """Markdown: one line per run, and the targets it misses."""
+    lines = ['| set | variant | seed | starved | best member per group | plain DPO: best group | consensus (Δ plain) | '
+             'worst member, consensus | auroc_contested | misses |', '|---' * 10 + '|']
+    for r in rows:
+        sides = ' / '.join(f"{accuracy:.2f}" for _, accuracy in sorted(r['sides'].items()))
+        auroc = '–' if r['auroc_contested'] is None else f"{r['auroc_contested']:.2f}"
+        lines.append(f"| {r['set']} | {r['variant']} | {r['seed']} | {r['starved']} | {sides} | {r['single_sides']:.2f} | "
+                     f"{r['consensus']:.2f} ({r['d_consensus']:+.2f}) | {r['worst_member_consensus']:.2f} | {auroc} | "
+                     f"{', '.join(r['misses']) or 'none'} |")
+    return '\n'.join(lines)
+
+
+def main(argv):
+    study, config = parse_study_args(STUDY, train_dpo.defaults, argv)
+    names, variants = study['sets'].split(','), study['variants'].split(',')
+    for name in names:
+        if name not in SETS:
+            raise UserError(f"--sets: unknown set {name!r}; sets with contested pairs: {', '.join(SETS)}")
+    for variant in variants:
+        if variant not in robustness.VARIANTS or variant == 'single':
+            raise UserError(f"--variants: unknown variant {variant!r}; known: "
+                            f"{', '.join(v for v in robustness.VARIANTS if v != 'single')}")
+    try:
+        seeds = [int(s) for s in study['seeds'].split(',')]
+    except ValueError as error:
+        raise UserError(f"--seeds: comma-separated whole numbers expected ({error})") from None
+    rows = []
+    for name in names:
+        for seed in seeds:
+            single = dpo_run(config, name, seed, 'single', study['study_dir'], study['train'])
+            for variant in variants:
+                report = dpo_run(config, name, seed, variant, study['study_dir'], study['train'])
+                if single is not None and report is not None:
+                    rows.append(row(name, seed, variant, report, single))
+    text = table(rows)
+    with open(os.path.join(study['study_dir'], 'dpo_table.md'), 'w') as f:
+        f.write(text + '\n')
+    print(text)
+
+
+if __name__ == '__main__':
+    run_script(main)
