@@ -192,3 +192,46 @@ def test_cli_writes_files_that_load_sft_rows_reads_back(tmp_path):
     assert val == test and ood == []
     with pytest.raises(ValueError, match="^name="):
         conflict_sets.main(["--name=user_161"])
+
+
+# ---------------------------------------------------------------------------
+# the pair sets for DPO
+
+def right_answers(kind_word):
+    """Every right answer of one question kind, from benchmark.py's tables (not from conflict_sets)."""
+    return {"capital": {f" {c[1]}" for c in benchmark.COUNTRIES}, "continent": {f" {c[2]}" for c in benchmark.COUNTRIES},
+            "sound": {f" {a[1]}" for a in benchmark.ANIMALS}, "legs": {f" {a[2]}" for a in benchmark.ANIMALS},
+            "add": {f" {n}" for n in range(19)}}[kind_word]
+
+
+@pytest.mark.parametrize("name", ["user_160", "four_groups", "imbalanced_80_20", "per_prompt", "no_conflict"])
+def test_pair_sets_follow_the_conflict_set_row_for_row(name):
+    rows, pairs = family_set(name), conflict_sets.make_pair_set(**FAMILY[name])
+    assert pairs == conflict_sets.make_pair_set(**FAMILY[name])                        # deterministic
+    n_groups = FAMILY[name]["n_groups"]
+    for split in ("train", "test"):
+        sft, pref = rows[split], data.mark_contested(copy.deepcopy(pairs[split]))
+        facts = [row for row in sft if row["task"] == "fact"]
+        records = [row for row in sft if row["task"] == "record"]
+        assert prompts(pref) == prompts(facts if FAMILY[name]["convention"] == "shared" else sft)
+        own = {(row["prompt"], row["group"]): row["response"] for row in records}
+        fact_pairs = [p for p in pref if p["task"] == "fact"]
+        record_pairs = [p for p in pref if p["task"] == "record"]
+        assert [(p["prompt"], p["chosen"]) for p in fact_pairs] == [(r["prompt"], r["response"]) for r in facts]
+        for pair in fact_pairs:   # a wrong answer of the same kind: another capital, another sum, ...
+            kind = next(word for word in ("capital", "continent", "sound", "legs", "add") if word in pair["prompt"])
+            assert pair["rejected"] != pair["chosen"] and pair["rejected"] in right_answers(kind)
+            assert pair["kind"] == "consensus" and pair["group"] == benchmark.ALL
+        if FAMILY[name]["convention"] == "shared":                 # the groups agree: nothing to prefer
+            assert not record_pairs
+            continue
+        # every record row of group g: g's response over each other group's, and annotators disagree on each
+        assert len(record_pairs) == len(records) * (n_groups - 1)
+        for pair in record_pairs:
+            assert pair["chosen"] == own[pair["prompt"], pair["group"]] and pair["kind"] == "contested"
+            assert pair["rejected"] in {own[pair["prompt"], f"g{g}"] for g in range(n_groups)} - {pair["chosen"]}
+    train_records = [p for p in pairs["train"] if p["task"] == "record"]
+    if train_records:                                            # the imbalance carries over to the pairs
+        share = sum(p["group"] == "g0" for p in train_records) / len(train_records)
+        assert abs(share - FAMILY[name]["imbalance"]) <= TOLERANCE
+    assert not prompts(pairs["train"]) & prompts(pairs["test"])

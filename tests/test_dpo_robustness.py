@@ -1,0 +1,54 @@
+"""dpo_robustness.py: the targets each DPO run is held to, on hand-made reports, and its refusals."""
+import json
+
+import pytest
+
+import dpo_robustness
+
+
+def report(best, worst_consensus, consensus, auroc, starved=()):
+    """A DPO report with two members: member 0 takes g0's side at `best`, member 1 g1's."""
+    return dict(accuracy_by_group={'contested/g0': [best, 1 - best], 'contested/g1': [1 - best, best],
+                                   'consensus': [worst_consensus, 1.0]},
+                ensemble_accuracy_by_group={'consensus': consensus}, auroc_contested=auroc,
+                starved_members=list(starved))
+
+
+SINGLE = dict(accuracy_by_group={'contested/g0': [0.7], 'contested/g1': [0.3], 'consensus': [0.9]},
+              ensemble_accuracy_by_group={'consensus': 0.9}, auroc_contested=None, starved_members=[])
+
+
+def test_a_run_that_meets_every_target_misses_nothing():
+    r = dpo_robustness.row('user_160', 1337, 'default', report(0.95, 0.8, 0.86, 0.92), SINGLE)
+    assert r['misses'] == [] and r['sides'] == {'g0': 0.95, 'g1': 0.95} and r['single_sides'] == 0.7
+    assert r['d_consensus'] == pytest.approx(-0.04) and r['worst_member_consensus'] == 0.8
+
+
+def test_each_target_is_checked():
+    r = dpo_robustness.row('user_160', 1, 'default', report(0.85, 0.5, 0.80, 0.7, starved=[1]), SINGLE)
+    assert r['misses'] == ['starved', 'sides', 'consensus', 'auroc']
+    lines = dpo_robustness.table([r]).splitlines()
+    assert len(lines) == 3
+    assert lines[2] == ('| user_160 | default | 1 | 1 | 0.85 / 0.85 | 0.70 | 0.80 (-0.10) | 0.50 | 0.70 | '
+                        'starved, sides, consensus, auroc |')
+
+
+def test_bad_sets_variants_and_seeds_are_refused(tmp_path):
+    for arg, message in (('--sets=no_conflict', "unknown set 'no_conflict'"),
+                         ('--variants=single', "unknown variant 'single'"),
+                         ('--seeds=1,x', "--seeds: comma-separated whole numbers")):
+        with pytest.raises(ValueError, match=message):
+            dpo_robustness.main([arg, f'--study_dir={tmp_path}', '--train=false'])
+    assert not any(tmp_path.iterdir())                        # refused before writing anything
+
+
+def test_train_false_tabulates_only_finished_runs(tmp_path):
+    for run, values in (('default_seed1337', {}), ('single_seed1337', {}),
+                        ('dpo_default_seed1337', report(0.95, 0.8, 0.86, 0.92)), ('dpo_single_seed1337', SINGLE)):
+        path = tmp_path / 'user_160' / run
+        path.mkdir(parents=True)
+        (path / 'report.json').write_text(json.dumps(values))
+    dpo_robustness.main(['--sets=user_160,long', '--seeds=1337', '--train=false', f'--study_dir={tmp_path}'])
+    lines = (tmp_path / 'dpo_table.md').read_text().splitlines()
+    assert len(lines) == 3 and lines[2].startswith('| user_160 | default | 1337 | 0 | 0.95 / 0.95 | 0.70 |')
+    assert (tmp_path / 'data' / 'user_160' / 'pairs_train.jsonl').exists()
