@@ -242,11 +242,12 @@ def answer_readouts(answers, rows):
 
 
 def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_new_tokens=32, n_samples=4,
-               seed=0, answers=None):
+               seed=0, answers=None, length_normalise=False):
     """The SFT report (METHOD.md §6) as (report dict, readouts); null where the data can't tell.
 
     answers: verdict.answers_by_kind of test_rows (every member's own greedy answer), for the
     read-outs of answer_readouts; without them those keys are null.
+    length_normalise: the routing read-outs route by log p_m(x) / |y|, as the run trained.
     readouts holds what the plots are drawn from: the test rows' score_rows dict under
     'scores' and the per-prompt epistemic scores by kind under 'by_kind'.
     """
@@ -266,6 +267,7 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
     # rows an annotator group answered: the conflicting ones, and any agreed rows that still carry a group
     grouped = [i for i, row in enumerate(test_rows) if row.get('group') not in (None, benchmark.ALL)]
     members = scores['logp'][:, conflicting].argmax(0).tolist()      # argmax responsibility, for any alpha > 0
+    lengths = scores['n_tokens'].clamp(min=1) if length_normalise else None                          # (N,) or None
     report = dict(alpha=alpha, n_members=scores['logp'].shape[0],
                   soft_specialisation=soft_specialisation(scores['logp'][:, grouped],
                                                           [test_rows[i]['group'] for i in grouped]),
@@ -273,10 +275,11 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
                       scores['logp'][:, grouped], [test_rows[i]['group'] for i in grouped],
                       [test_rows[i]['prompt'] for i in grouped]),
                   argmax_specialisation=specialisation(members, groups),
-                  routing=routing_matrix(scores['logp'][:, conflicting], alpha, groups) if groups else None)
+                  routing=routing_matrix(scores['logp'][:, conflicting], alpha, groups,
+                                         None if lengths is None else lengths[conflicting]) if groups else None)
     report |= kind_aurocs(by_kind, aleatoric_by_kind, disagreement_by_kind)
     report |= dict(auroc_ood=None, auroc_ood_vs_consistent=None, coherence=None)
-    report |= task_routing(scores['logp'], alpha, test_rows)
+    report |= task_routing(scores['logp'], alpha, test_rows, lengths)
     if ood_rows:
         ood_scores = score_rows(model, tokenizer, ood_rows, batch_size)
         by_kind['ood'] = list(per_prompt_mean(epistemic_per_token(ood_scores), ood_rows).values())

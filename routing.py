@@ -74,7 +74,7 @@ def per_prompt_specialisation(logp, groups, prompts):
     return sum(scores) / len(scores) if scores else None
 
 
-def task_routing(logp, alpha, rows):
+def task_routing(logp, alpha, rows, n_tokens=None):
     """Do members specialise by task? On the rows every annotator agrees on (consistent and high-entropy):
 
         task_routing         {task: [mean responsibility of member m at alpha]}, routing_matrix by task
@@ -82,10 +82,12 @@ def task_routing(logp, alpha, rows):
                              w_m(x) = softmax_m(log p_m(x)): soft_specialisation with tasks for groups
 
     logp: (M, N) of the N rows -> a dict of both keys, each None without such rows (the second also with one task).
+    n_tokens (N,): length-normalised routing, as in training.
     """
     agreed = [i for i, row in enumerate(rows) if row.get('kind') in ('consistent', 'high_entropy') and row.get('task')]
     tasks = [rows[i]['task'] for i in agreed]
-    return dict(task_routing=routing_matrix(logp[:, agreed], alpha, tasks) if tasks else None,
+    lengths = None if n_tokens is None else n_tokens[agreed]
+    return dict(task_routing=routing_matrix(logp[:, agreed], alpha, tasks, lengths) if tasks else None,
                 task_specialisation=soft_specialisation(logp[:, agreed], tasks))
 
 
@@ -104,12 +106,12 @@ def starved_members(shares, fraction=0.25):
     return [m for m, share in enumerate(shares.tolist()) if n_members > 1 and share < fraction / n_members]
 
 
-def routing_matrix(logp, alpha, groups):
+def routing_matrix(logp, alpha, groups, n_tokens=None):
     """Mean responsibility of each member for each group: {group: [w_0, ..., w_{M-1}]}.
 
-    logp: (M, N), groups: N labels.
+    logp: (M, N), groups: N labels; n_tokens (N,): length-normalised routing, as in training.
     """
-    weights = responsibilities(logp, alpha)                                   # (M, N)
+    weights = responsibilities(logp, alpha, n_tokens)                         # (M, N)
     matrix = {}
     for group in sorted(set(groups)):
         columns = torch.tensor([g == group for g in groups])

@@ -205,7 +205,8 @@ def train(config, lr_schedule=learning_rate, on_step=None):
 
     answers = answers_by_kind(model, tokenizer, test_rows, config['max_new_tokens'], config['batch_size'])
     report, readouts = sft_report(model, tokenizer, test_rows, ood_rows, config['alpha'], config['batch_size'],
-                                  config['max_new_tokens'], config['n_samples'], config['seed'], answers)
+                                  config['max_new_tokens'], config['n_samples'], config['seed'], answers,
+                                  config['length_normalise'])
     model.eval()
     train_scores = score_rows(model, tokenizer, train_rows, config['batch_size'])
     model.train()
@@ -266,8 +267,9 @@ def validate(model, tokenizer, val_rows, config, history, it):
     print(f"eval {it}: val nll/token {nll:.4f}")
     conflicting = [i for i, row in enumerate(val_rows) if row.get('kind') == 'conflicting' and row.get('group')]
     if conflicting:
+        lengths = scores['n_tokens'][conflicting].clamp(min=1) if config['length_normalise'] else None
         matrix = routing_matrix(scores['logp'][:, conflicting], config['alpha'],
-                                [val_rows[i]['group'] for i in conflicting])
+                                [val_rows[i]['group'] for i in conflicting], lengths)
         for group, weights in matrix.items():
             print(f"  routing {group:>12}: " + ' '.join(f"{w:.2f}" for w in weights))
 

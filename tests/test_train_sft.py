@@ -174,7 +174,7 @@ def test_length_normalise_routes_per_token_and_logs_the_mean_routing_entropy(fil
     def keep_adapters(done, model):
         states[done] = {name: t.clone() for name, t in lora_state_dict(model).items()}
 
-    train_sft.train(config, on_step=keep_adapters)
+    final, _, report, _ = train_sft.train(config, on_step=keep_adapters)
     history = torch.load(tmp_path / "ckpt.pt", weights_only=False)["history"]
     train_rows = load_rows(config)[0]
     batches = data.shuffled_batches(len(train_rows), config["batch_size"], config["seed"])
@@ -195,6 +195,14 @@ def test_length_normalise_routes_per_token_and_logs_the_mean_routing_entropy(fil
     assert history["routing_entropy"] == pytest.approx(expected, abs=1e-4)
     assert expected[1] < math.log(2) - 1e-3                             # the members differ by then ...
     assert sum(summed[window:]) / window < expected[1] - 1e-3          # ... and the per-token routing is the flatter
+    # the report's routing of the held-out conflicting rows is per token too
+    conflicting = [row for row in load_rows(config)[2] if row["kind"] == "conflicting"]
+    final.eval()
+    scores = score_rows(final, tokenizer, conflicting, config["batch_size"])
+    weights = torch.softmax(config["alpha"] * scores["logp"] / scores["n_tokens"], dim=0)   # (M, N)
+    for group, routing in report["routing"].items():
+        columns = [i for i, row in enumerate(conflicting) if row["group"] == group]
+        assert routing == pytest.approx(weights[:, columns].mean(1).tolist(), abs=1e-5)
 
 
 def test_length_normalise_must_be_a_bool(files, tmp_path):
