@@ -7,16 +7,17 @@ robustness.py's SFT runs of the same set and seed, beside plain DPO from the sin
     sides        for each annotator group, its best member's accuracy on the group's held-out
                  contested pairs (target >= 0.9 for every group: some member takes each side)
     consensus    the ensemble's accuracy on held-out consensus pairs, against plain DPO's
-                 (target: at most 0.05 lower), and its worst member's
+                 (target: at most 0.05 lower); beside it the worst member's on the training
+                 consensus pairs, and plain DPO's (learned, not generalised)
     auroc        auroc_contested: the members' disagreement about the margin separating contested
                  from consensus pairs (target >= 0.9)
 
     python dpo_robustness.py                                     # the sets with conflict, seed 1337
-    python dpo_robustness.py --sets=user_160 --seeds=1337,1 --alpha=1.0   # any train_dpo.py key applies
+    python dpo_robustness.py --sets=user_160 --seeds=1337,1 --alpha=1.0 --prefix=dpo_a1   # any train_dpo.py key
     python dpo_robustness.py --train=false                       # the table of the runs that have finished
 
 The SFT runs are trained first if missing (robustness.run), the DPO runs unless their report.json
-exists. Runs go to study_dir/<set>/dpo_<variant>_seed<S>; writes study_dir/dpo_table.md.
+exists. Runs go to study_dir/<set>/<prefix>_<variant>_seed<S>; writes study_dir/<prefix>_table.md.
 """
 import json
 import os
@@ -31,7 +32,8 @@ from config import UserError, parse_study_args, run_script
 SETS = [name for name, knobs in conflict_sets.FAMILY.items() if knobs['convention'] != 'shared']
 STUDY = dict(sets=','.join(name for name in SETS if name != 'large_2000'), seeds='1337', variants='default',
              study_dir='out/robustness',
-             train=True)  # --train=false: only tabulate the runs that have finished
+             prefix='dpo',  # runs go to <set>/<prefix>_<variant>_seed<S>: a new prefix for other train_dpo.py keys
+             train=True)    # --train=false: only tabulate the runs that have finished
 
 
 def write_pairs(name, study_dir):
@@ -43,12 +45,12 @@ def write_pairs(name, study_dir):
     return paths
 
 
-def dpo_run(config, name, seed, variant, study_dir, train=True):
+def dpo_run(config, name, seed, variant, study_dir, prefix='dpo', train=True):
     """The DPO report of one (set, seed, SFT variant) run, its SFT run made first; None: not run, not trained."""
     if robustness.run(train_sft.defaults | dict(device=config['device']), name, seed, variant, study_dir, train) is None:
         return None
     train_path, test_path = write_pairs(name, study_dir)
-    out_dir = os.path.join(study_dir, name, f'dpo_{variant}_seed{seed}')
+    out_dir = os.path.join(study_dir, name, f'{prefix}_{variant}_seed{seed}')
     report_path = os.path.join(out_dir, 'report.json')
     if not os.path.exists(report_path):
         if not train:
@@ -71,7 +73,8 @@ def row(name, seed, variant, report, single):
         ('starved', not starved), ('sides', min(sides.values()) >= 0.9), ('consensus', d_consensus >= -0.05),
         ('auroc', (report['auroc_contested'] or 0) >= 0.9)) if not ok]
     return dict(set=name, seed=seed, variant=variant, starved=len(starved), sides=sides, consensus=consensus,
-                d_consensus=d_consensus, worst_member_consensus=min(accuracy['consensus']),
+                d_consensus=d_consensus, worst_member_training_consensus=min(report['train_accuracy_by_group']['consensus']),
+                single_training_consensus=single['train_accuracy_by_group']['consensus'][0],
                 single_sides=max(single['accuracy_by_group'][f'contested/{g}'][0] for g in sides),
                 auroc_contested=report['auroc_contested'], misses=misses)
 
@@ -79,12 +82,13 @@ def row(name, seed, variant, report, single):
 def table(rows):
     """Markdown: one line per run, and the targets it misses."""
     lines = ['| set | variant | seed | starved | best member per group | plain DPO: best group | consensus (Δ plain) | '
-             'worst member, consensus | auroc_contested | misses |', '|---' * 10 + '|']
+             'training consensus: worst member (plain) | auroc_contested | misses |', '|---' * 10 + '|']
     for r in rows:
         sides = ' / '.join(f"{accuracy:.2f}" for _, accuracy in sorted(r['sides'].items()))
         auroc = '–' if r['auroc_contested'] is None else f"{r['auroc_contested']:.2f}"
         lines.append(f"| {r['set']} | {r['variant']} | {r['seed']} | {r['starved']} | {sides} | {r['single_sides']:.2f} | "
-                     f"{r['consensus']:.2f} ({r['d_consensus']:+.2f}) | {r['worst_member_consensus']:.2f} | {auroc} | "
+                     f"{r['consensus']:.2f} ({r['d_consensus']:+.2f}) | {r['worst_member_training_consensus']:.2f} "
+                     f"({r['single_training_consensus']:.2f}) | {auroc} | "
                      f"{', '.join(r['misses']) or 'none'} |")
     return '\n'.join(lines)
 
@@ -106,13 +110,13 @@ def main(argv):
     rows = []
     for name in names:
         for seed in seeds:
-            single = dpo_run(config, name, seed, 'single', study['study_dir'], study['train'])
+            single = dpo_run(config, name, seed, 'single', study['study_dir'], study['prefix'], study['train'])
             for variant in variants:
-                report = dpo_run(config, name, seed, variant, study['study_dir'], study['train'])
+                report = dpo_run(config, name, seed, variant, study['study_dir'], study['prefix'], study['train'])
                 if single is not None and report is not None:
                     rows.append(row(name, seed, variant, report, single))
     text = table(rows)
-    with open(os.path.join(study['study_dir'], 'dpo_table.md'), 'w') as f:
+    with open(os.path.join(study['study_dir'], f"{study['prefix']}_table.md"), 'w') as f:
         f.write(text + '\n')
     print(text)
 

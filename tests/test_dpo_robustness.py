@@ -11,17 +11,19 @@ def report(best, worst_consensus, consensus, auroc, starved=()):
     return dict(accuracy_by_group={'contested/g0': [best, 1 - best], 'contested/g1': [1 - best, best],
                                    'consensus': [worst_consensus, 1.0]},
                 ensemble_accuracy_by_group={'consensus': consensus}, auroc_contested=auroc,
-                starved_members=list(starved))
+                starved_members=list(starved), train_accuracy_by_group={'consensus': [1.0, worst_consensus + 0.1]})
 
 
 SINGLE = dict(accuracy_by_group={'contested/g0': [0.7], 'contested/g1': [0.3], 'consensus': [0.9]},
-              ensemble_accuracy_by_group={'consensus': 0.9}, auroc_contested=None, starved_members=[])
+              ensemble_accuracy_by_group={'consensus': 0.9}, auroc_contested=None, starved_members=[],
+              train_accuracy_by_group={'consensus': [0.95]})
 
 
 def test_a_run_that_meets_every_target_misses_nothing():
     r = dpo_robustness.row('user_160', 1337, 'default', report(0.95, 0.8, 0.86, 0.92), SINGLE)
     assert r['misses'] == [] and r['sides'] == {'g0': 0.95, 'g1': 0.95} and r['single_sides'] == 0.7
-    assert r['d_consensus'] == pytest.approx(-0.04) and r['worst_member_consensus'] == 0.8
+    assert r['d_consensus'] == pytest.approx(-0.04) and r['worst_member_training_consensus'] == pytest.approx(0.9)
+    assert r['single_training_consensus'] == 0.95
 
 
 def test_each_target_is_checked():
@@ -29,7 +31,7 @@ def test_each_target_is_checked():
     assert r['misses'] == ['starved', 'sides', 'consensus', 'auroc']
     lines = dpo_robustness.table([r]).splitlines()
     assert len(lines) == 3
-    assert lines[2] == ('| user_160 | default | 1 | 1 | 0.85 / 0.85 | 0.70 | 0.80 (-0.10) | 0.50 | 0.70 | '
+    assert lines[2] == ('| user_160 | default | 1 | 1 | 0.85 / 0.85 | 0.70 | 0.80 (-0.10) | 0.60 (0.95) | 0.70 | '
                         'starved, sides, consensus, auroc |')
 
 
