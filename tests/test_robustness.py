@@ -28,6 +28,11 @@ def test_each_target_is_checked():
     assert r['misses'] == ['auroc']
 
 
+def test_a_difference_of_exactly_the_margin_meets_the_target():
+    r = robustness.row('user_160', 1, 'default', report(0.8, [], 0.45, 0.6625, 0.95), report(None, [], 0.40, 0.7125, 0.5))
+    assert r['d_acc'] < -0.05 and r['misses'] == []           # -0.05000000000000004 in floating point
+
+
 def test_without_conflict_specialisation_must_stay_low_and_auroc_is_not_required():
     assert robustness.row('no_conflict', 1, 'default', report(0.05, [], 0.4, 0.9, 0.5), SINGLE)['misses'] == []
     assert robustness.row('no_conflict', 1, 'default', report(0.5, [], 0.4, 0.9, 0.5), SINGLE)['misses'] == ['soft']
