@@ -70,7 +70,7 @@ def row(name, seed, variant, report, single):
     d_consensus = consensus - single['ensemble_accuracy_by_group']['consensus']
     starved = report.get('starved_members', [])
     misses = [what for what, ok in (
-        ('starved', not starved), ('sides', min(sides.values()) >= 0.9), ('consensus', round(d_consensus, 9) >= -0.05),
+        ('starved', not starved), ('sides', min(sides.values()) >= 0.9), ('consensus', round(d_consensus, 6) >= -0.05),
         ('auroc', (report['auroc_contested'] or 0) >= 0.9)) if not ok]
     return dict(set=name, seed=seed, variant=variant, starved=len(starved), sides=sides, consensus=consensus,
                 d_consensus=d_consensus, worst_member_training_consensus=min(report['train_accuracy_by_group']['consensus']),

@@ -79,7 +79,7 @@ def row(name, seed, variant, report, single):
     misses = [what for what, ok in (
         ('starved', not report['starved_members']),
         ('soft', soft is None or (soft >= 0.5 if has_conflict else soft <= 0.1)),
-        ('nll', round(d_nll, 9) <= 0.05), ('acc', round(d_acc, 9) >= -0.05),   # round: 0.6625 - 0.7125 is -0.05
+        ('nll', round(d_nll, 6) <= 0.05), ('acc', round(d_acc, 6) >= -0.05),   # round: 0.6625 - 0.7125 is -0.05
         ('auroc', not has_conflict or (report['auroc_conflict'] or 0) >= 0.9),
         ('auroc_answers', not has_conflict or answers is None or answers >= 0.9)) if not ok]
     return dict(set=name, seed=seed, variant=variant, soft_specialisation=soft,

@@ -28,8 +28,8 @@ def test_a_run_that_meets_every_target_misses_nothing():
 
 def test_a_difference_of_exactly_the_margin_meets_the_target():
     r = dpo_robustness.row('long', 1337, 'default', report(1.0, 0.9, 0.75, 0.95), SINGLE | dict(
-        ensemble_accuracy_by_group={'consensus': 0.8}))
-    assert r['d_consensus'] < -0.05 and r['misses'] == []      # 0.75 - 0.8 is -0.05000000000000004
+        ensemble_accuracy_by_group={'consensus': 0.800000011920929}))    # 32 / 40 in float32
+    assert r['d_consensus'] < -0.05 and r['misses'] == []
 
 
 def test_each_target_is_checked():
