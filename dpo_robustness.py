@@ -27,7 +27,7 @@ import data
 import robustness
 import train_dpo
 import train_sft
-from config import UserError, parse_study_args, run_script
+from config import UserError, parse_seeds, parse_study_args, run_script
 
 SETS = [name for name, knobs in conflict_sets.FAMILY.items() if knobs['convention'] != 'shared']
 STUDY = dict(sets=','.join(name for name in SETS if name != 'large_2000'), seeds='1337', variants='default',
@@ -103,10 +103,7 @@ def main(argv):
         if variant not in robustness.VARIANTS or variant == 'single':
             raise UserError(f"--variants: unknown variant {variant!r}; known: "
                             f"{', '.join(v for v in robustness.VARIANTS if v != 'single')}")
-    try:
-        seeds = [int(s) for s in study['seeds'].split(',')]
-    except ValueError as error:
-        raise UserError(f"--seeds: comma-separated whole numbers expected ({error})") from None
+    seeds = parse_seeds(study['seeds'])
     rows = []
     for name in names:
         for seed in seeds:

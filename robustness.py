@@ -30,7 +30,7 @@ import os
 import conflict_sets
 import data
 import train_sft
-from config import UserError, parse_study_args, run_script
+from config import UserError, parse_seeds, parse_study_args, run_script
 
 # Each variant is a set of train_sft.py overrides; 'single' is the reference every variant is compared with.
 VARIANTS = {
@@ -79,7 +79,7 @@ def row(name, seed, variant, report, single):
     misses = [what for what, ok in (
         ('starved', not report['starved_members']),
         ('soft', soft is None or (soft >= 0.5 if has_conflict else soft <= 0.1)),
-        ('nll', round(d_nll, 6) <= 0.05), ('acc', round(d_acc, 6) >= -0.05),   # round: 0.6625 - 0.7125 is -0.05
+        ('nll', round(d_nll, 6) <= 0.05), ('acc', round(d_acc, 6) >= -0.05),   # round: 0.6625 - 0.7125 is -0.0500...04
         ('auroc', not has_conflict or (report['auroc_conflict'] or 0) >= 0.9),
         ('auroc_answers', not has_conflict or answers is None or answers >= 0.9)) if not ok]
     return dict(set=name, seed=seed, variant=variant, soft_specialisation=soft,
@@ -118,9 +118,10 @@ def main(argv):
     for variant in variants:
         if variant not in VARIANTS:
             raise UserError(f"--variants: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    seeds = parse_seeds(study['seeds'])
     rows = []
     for name in names:
-        for seed in [int(s) for s in study['seeds'].split(',')]:
+        for seed in seeds:
             runs = {variant: run(config, name, seed, variant, study['study_dir'], study['train'], study['reevaluate'])
                     for variant in ['single'] + variants}
             single = runs.pop('single')

@@ -53,7 +53,7 @@ def soft_specialisation(logp, groups):
     joint = one_hot @ weights.T / len(groups)                                # (G, M)
     group_marginal, member_marginal = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
     ratio = joint / (group_marginal * member_marginal)
-    mutual_information = (joint * ratio.clamp_min(1e-300).log()).sum().clamp_min(0.0)   # not a rounding error below 0
+    mutual_information = (joint * ratio.clamp_min(1e-300).log()).sum().clamp_min(0.0)   # >= 0; float64 rounding can land a hair below
     group_entropy = -(group_marginal * group_marginal.log()).sum()
     return (mutual_information / group_entropy).item()
 

@@ -45,6 +45,11 @@ def test_table_has_a_line_per_run():
     assert lines[2].startswith('| long | alpha_1 | 2 | – | – | 0 | 0.400 (+0.000) | 0.900 (+0.000) | 0.90 (+0.00) | 0.80 | – | – |')
 
 
+def test_bad_seeds_are_refused_in_one_line(tmp_path):
+    with pytest.raises(ValueError, match="--seeds: comma-separated whole numbers"):
+        robustness.main(['--seeds=1,x', '--train=false', f'--study_dir={tmp_path}'])
+
+
 def test_unknown_set_or_variant_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown set 'nope'"):
         robustness.main(['--sets=nope', f'--study_dir={tmp_path}'])
