@@ -74,3 +74,14 @@ def test_help_lists_the_study_keys(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert 'STUDY = dict(sets=' in out and 'Does a default survive' in out
+
+
+def test_over_seeds_averages_each_set_and_variant_and_spreads_the_single_adapter():
+    single_a, single_b = report(None, [], 0.40, 0.60, 0.5), report(None, [], 0.50, 0.75, 0.5)
+    rows = [robustness.row('user_160', 1, 'default', report(0.9, [], 0.42, 0.70, 0.95), single_a),
+            robustness.row('user_160', 2, 'default', report(0.9, [], 0.46, 0.70, 0.95), single_b),
+            robustness.row('long', 1, 'default', report(0.9, [], 0.40, 0.50, 0.95), single_a)]
+    lines = robustness.over_seeds(rows).splitlines()
+    # d_nll +0.02 and -0.04, d_acc +0.10 and -0.05: means -0.010 and +0.025
+    assert lines[2] == '| user_160 | default | 2 | -0.010 | +0.025 | 0.70–0.70 | 0.60–0.75 |'
+    assert lines[3] == '| long | default | 1 | +0.000 | -0.100 | 0.50–0.50 | 0.60–0.60 |'
