@@ -13,7 +13,7 @@ import benchmark
 import data
 from renyi_lora import (auroc, ece, expected_entropy, mixture_next_token_logprobs, mutual_information, posterior_weights,
                         predictive_entropy)
-from routing import per_prompt_specialisation, routing_matrix, soft_specialisation, specialisation, task_routing
+from routing import routing_matrix, soft_specialisation, specialisation, specialisation_within, task_routing
 
 
 def device_of(model):
@@ -268,12 +268,11 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
     grouped = [i for i, row in enumerate(test_rows) if row.get('group') not in (None, benchmark.ALL)]
     members = scores['logp'][:, conflicting].argmax(0).tolist()      # argmax responsibility, for any alpha > 0
     lengths = scores['n_tokens'].clamp(min=1) if length_normalise else None                          # (N,) or None
+    grouped_logp, grouped_groups = scores['logp'][:, grouped], [test_rows[i]['group'] for i in grouped]
+    within = lambda key: specialisation_within(grouped_logp, grouped_groups, [test_rows[i].get(key) for i in grouped])
     report = dict(alpha=alpha, n_members=scores['logp'].shape[0],
-                  soft_specialisation=soft_specialisation(scores['logp'][:, grouped],
-                                                          [test_rows[i]['group'] for i in grouped]),
-                  per_prompt_specialisation=per_prompt_specialisation(
-                      scores['logp'][:, grouped], [test_rows[i]['group'] for i in grouped],
-                      [test_rows[i]['prompt'] for i in grouped]),
+                  soft_specialisation=soft_specialisation(grouped_logp, grouped_groups),
+                  per_task_specialisation=within('task'), per_prompt_specialisation=within('prompt'),
                   argmax_specialisation=specialisation(members, groups),
                   routing=routing_matrix(scores['logp'][:, conflicting], alpha, groups,
                                          None if lengths is None else lengths[conflicting]) if groups else None)

@@ -58,17 +58,19 @@ def soft_specialisation(logp, groups):
     return (mutual_information / group_entropy).item()
 
 
-def per_prompt_specialisation(logp, groups, prompts):
-    """soft_specialisation within each prompt that several groups answered, averaged over those prompts.
+def specialisation_within(logp, groups, keys):
+    """soft_specialisation within each value of keys that several groups share, averaged over those values.
 
-    logp: (M, N), groups and prompts: N labels -> float in [0, 1], or None without such a
-    prompt. 1 when, on every conflicting prompt, each group's response is explained by its
-    own members, even if which members side with which group changes from prompt to prompt;
-    soft_specialisation is 1 only when the sides stay the same across prompts.
+    logp: (M, N), groups and keys: N labels -> float in [0, 1], or None without such a key.
+    With keys the rows' prompts (per_prompt_specialisation in the report) it is 1 when, on every
+    conflicting prompt, each group's response is explained by its own members, even if which
+    members side with which group changes from prompt to prompt; with keys their tasks
+    (per_task_specialisation), when the sides stay fixed within a task but may pair up differently
+    from one task to the next. soft_specialisation is 1 only when the sides stay the same everywhere.
     """
     rows_of = {}
-    for i, prompt in enumerate(prompts):
-        rows_of.setdefault(prompt, []).append(i)
+    for i, key in enumerate(keys):
+        rows_of.setdefault(key, []).append(i)
     scores = [soft_specialisation(logp[:, rows], [groups[i] for i in rows]) for rows in rows_of.values()]
     scores = [score for score in scores if score is not None]
     return sum(scores) / len(scores) if scores else None

@@ -8,7 +8,7 @@ import torch
 import data
 import evaluate
 from evaluate import score_batches
-from routing import member_shares, per_prompt_specialisation, soft_specialisation, starved_members
+from routing import member_shares, soft_specialisation, specialisation_within, starved_members
 from test_model import TINY, tiny_ensemble
 
 
@@ -49,15 +49,24 @@ def test_soft_specialisation_ends_and_a_slow_loop():
                                                                             rel=1e-6)
 
 
-def test_per_prompt_specialisation_sees_splits_whose_sides_change_between_prompts():
+def test_specialisation_within_sees_splits_whose_sides_change_between_prompts():
     """Prompt p: member 0 explains group a, member 1 group b; prompt q: the other way round."""
     sure, never = 0.0, -1e4
     logp = torch.tensor([[sure, never, never, sure, sure], [never, sure, sure, never, never]])
     groups, prompts = ["a", "b", "a", "b", "a"], ["p", "p", "q", "q", "r"]     # r: one group only, skipped
-    assert per_prompt_specialisation(logp, groups, prompts) == pytest.approx(1.0, abs=1e-12)
+    assert specialisation_within(logp, groups, prompts) == pytest.approx(1.0, abs=1e-12)
     assert soft_specialisation(logp[:, :4], groups[:4]) == pytest.approx(0.0, abs=1e-12)
-    assert per_prompt_specialisation(torch.zeros(2, 5), groups, prompts) == pytest.approx(0.0, abs=1e-12)
-    assert per_prompt_specialisation(logp[:, 4:], groups[4:], prompts[4:]) is None
+    assert specialisation_within(torch.zeros(2, 5), groups, prompts) == pytest.approx(0.0, abs=1e-12)
+    assert specialisation_within(logp[:, 4:], groups[4:], prompts[4:]) is None
+
+
+def test_specialisation_within_tasks_averages_each_tasks_split():
+    """Task s splits cleanly, its sides swapped against task t's; task u's members explain both groups alike."""
+    sure, never = 0.0, -1e4
+    logp = torch.tensor([[sure, never, never, sure, 0.0, 0.0], [never, sure, sure, never, 0.0, 0.0]])
+    groups, tasks = ["a", "b", "a", "b", "a", "b"], ["s", "s", "t", "t", "u", "u"]
+    assert specialisation_within(logp, groups, tasks) == pytest.approx(2 / 3, abs=1e-12)   # (1 + 1 + 0) / 3
+    assert soft_specialisation(logp, groups) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_member_shares_and_starved_members():

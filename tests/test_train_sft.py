@@ -150,6 +150,8 @@ def test_tiny_run_lowers_the_loss_and_writes_report_and_plots(files, tmp_path):
     assert thresholds["n_prompts"] == {kind: len({r["prompt"] for r in val_rows if r["kind"] == kind})
                                        for kind in ("conflicting", "consistent")}
     assert 0.0 <= saved["soft_specialisation"] <= 1.0
+    # these rows carry no task: one task, within which the split is the pooled one
+    assert saved["per_task_specialisation"] == pytest.approx(saved["soft_specialisation"], abs=1e-12)
     # the training rows' share of the responsibility, recomputed one row at a time
     model.eval()
     weights = [torch.softmax(config["alpha"] * score_rows(model, tokenizer, [row], 1)["logp"][:, 0], 0) for row in train_rows]
