@@ -11,6 +11,9 @@ robustness.py's SFT runs of the same set and seed, beside plain DPO from the sin
                  consensus pairs, and plain DPO's (learned, not generalised)
     auroc        auroc_contested: the members' disagreement about the margin separating contested
                  from consensus pairs (target >= 0.9)
+    every pair   for each ordered pair of groups (g, h), the best member's accuracy on the held-out
+                 pairs of g's response over h's; the worst such pair (shown, not judged: with two
+                 groups it is `sides`, with more it is what the pairwise loss asks, RESULTS.md §9)
 
     python dpo_robustness.py                                     # the sets with conflict, seed 1337
     python dpo_robustness.py --sets=user_160 --seeds=1337,1 --alpha=1.0 --prefix=dpo_a1   # any train_dpo.py key
@@ -21,6 +24,8 @@ exists. Runs go to study_dir/<set>/<prefix>_<variant>_seed<S>; writes study_dir/
 """
 import json
 import os
+
+import torch
 
 import conflict_sets
 import data
@@ -62,8 +67,39 @@ def dpo_run(config, name, seed, variant, study_dir, prefix='dpo', train=True):
         return json.load(f)
 
 
-def row(name, seed, variant, report, single):
-    """The table's measures of one DPO run against plain DPO on the same set and seed."""
+def pair_coverage(margins_by_group, pairs):
+    """The worst over ordered pairs of groups (g, h) of the best member's accuracy on the pairs that prefer g's
+    response to h's: 1 when every such preference has a member that holds it, whichever member that is.
+
+    A member that ranks g above h serves (g over h) whether or not it ranks g above every other group; the
+    α-Rényi loss of a pair asks no more, so with three or more groups the members can hold every pair without
+    a member that takes each group's side against all others (sides). margins_by_group: train_dpo.py's
+    margins.pt, {report group: (M, n) margins of its pairs in file order}; pairs: the same held-out pair rows,
+    in file order. h is the group whose own pair on the same prompt chose the rejected response.
+    """
+    records = [pair for pair in pairs if pair['task'] == 'record']
+    group_of = {(pair['prompt'], pair['chosen']): pair['group'] for pair in records}
+    best = []
+    for g in sorted({pair['group'] for pair in records}):
+        rows = [pair for pair in records if pair['group'] == g]
+        right = (margins_by_group[f'contested/{g}'] > 0).float()                 # (M, n)
+        rejected = [group_of[(pair['prompt'], pair['rejected'])] for pair in rows]
+        for h in sorted(set(rejected)):
+            columns = [i for i, other in enumerate(rejected) if other == h]
+            best.append(right[:, columns].mean(1).max().item())
+    return min(best)
+
+
+def coverage_of(name, seed, variant, study_dir, prefix):
+    """pair_coverage of a finished DPO run; None when its margins.pt is missing."""
+    path = os.path.join(study_dir, name, f'{prefix}_{variant}_seed{seed}', 'margins.pt')
+    if not os.path.exists(path):
+        return None
+    return pair_coverage(torch.load(path), data.load_pref_jsonl(write_pairs(name, study_dir)[1]))
+
+
+def row(name, seed, variant, report, single, coverage=None):
+    """The table's measures of one DPO run against plain DPO on the same set and seed; coverage: pair_coverage."""
     accuracy = report['accuracy_by_group']
     sides = {group.split('/', 1)[1]: max(accuracy[group]) for group in accuracy if group.startswith('contested/')}
     consensus = report['ensemble_accuracy_by_group']['consensus']
@@ -76,19 +112,20 @@ def row(name, seed, variant, report, single):
                 d_consensus=d_consensus, worst_member_training_consensus=min(report['train_accuracy_by_group']['consensus']),
                 single_training_consensus=single['train_accuracy_by_group']['consensus'][0],
                 single_sides=max(single['accuracy_by_group'][f'contested/{g}'][0] for g in sides),
-                auroc_contested=report['auroc_contested'], misses=misses)
+                auroc_contested=report['auroc_contested'], pair_coverage=coverage, misses=misses)
 
 
 def table(rows):
     """Markdown: one line per run, and the targets it misses."""
-    lines = ['| set | variant | seed | starved | best member per group | plain DPO: best group | consensus (Δ plain) | '
-             'training consensus: worst member (plain) | auroc_contested | misses |', '|---' * 10 + '|']
+    lines = ['| set | variant | seed | starved | best member per group | every pair of groups: worst | '
+             'plain DPO: best group | consensus (Δ plain) | training consensus: worst member (plain) | '
+             'auroc_contested | misses |', '|---' * 11 + '|']
     for r in rows:
         sides = ' / '.join(f"{accuracy:.2f}" for _, accuracy in sorted(r['sides'].items()))
-        auroc = '–' if r['auroc_contested'] is None else f"{r['auroc_contested']:.2f}"
-        lines.append(f"| {r['set']} | {r['variant']} | {r['seed']} | {r['starved']} | {sides} | {r['single_sides']:.2f} | "
-                     f"{r['consensus']:.2f} ({r['d_consensus']:+.2f}) | {r['worst_member_training_consensus']:.2f} "
-                     f"({r['single_training_consensus']:.2f}) | {auroc} | "
+        auroc, coverage = ('–' if r[key] is None else f"{r[key]:.2f}" for key in ('auroc_contested', 'pair_coverage'))
+        lines.append(f"| {r['set']} | {r['variant']} | {r['seed']} | {r['starved']} | {sides} | {coverage} | "
+                     f"{r['single_sides']:.2f} | {r['consensus']:.2f} ({r['d_consensus']:+.2f}) | "
+                     f"{r['worst_member_training_consensus']:.2f} ({r['single_training_consensus']:.2f}) | {auroc} | "
                      f"{', '.join(r['misses']) or 'none'} |")
     return '\n'.join(lines)
 
@@ -111,7 +148,8 @@ def main(argv):
             for variant in variants:
                 report = dpo_run(config, name, seed, variant, study['study_dir'], study['prefix'], study['train'])
                 if single is not None and report is not None:
-                    rows.append(row(name, seed, variant, report, single))
+                    coverage = coverage_of(name, seed, variant, study['study_dir'], study['prefix'])
+                    rows.append(row(name, seed, variant, report, single, coverage))
     text = table(rows)
     with open(os.path.join(study['study_dir'], f"{study['prefix']}_table.md"), 'w') as f:
         f.write(text + '\n')

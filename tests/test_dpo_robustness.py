@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import dpo_robustness
 
@@ -37,8 +38,25 @@ def test_each_target_is_checked():
     assert r['misses'] == ['starved', 'sides', 'consensus', 'auroc']
     lines = dpo_robustness.table([r]).splitlines()
     assert len(lines) == 3
-    assert lines[2] == ('| user_160 | default | 1 | 1 | 0.85 / 0.85 | 0.70 | 0.80 (-0.10) | 0.60 (0.95) | 0.70 | '
+    assert lines[2] == ('| user_160 | default | 1 | 1 | 0.85 / 0.85 | – | 0.70 | 0.80 (-0.10) | 0.60 (0.95) | 0.70 | '
                         'starved, sides, consensus, auroc |')
+
+
+def test_pair_coverage_asks_a_member_for_every_ordered_pair_not_for_every_group():
+    """Three groups, one prompt each way; member 0 ranks a > b > c, member 1 c > b > a: every ordered pair
+    has a member that holds it, though no member puts b first."""
+    responses = {'a': ' A.', 'b': ' B.', 'c': ' C.'}
+    pairs = [dict(prompt='p', chosen=' right', rejected=' wrong', task='fact', group='all')]   # consensus: ignored
+    pairs += [dict(prompt='q', chosen=responses[g], rejected=responses[h], task='record', group=g)
+              for g in 'abc' for h in 'abc' if g != h]
+    rank = [{'a': 3, 'b': 2, 'c': 1}, {'a': 1, 'b': 2, 'c': 3}]
+    margins = {f'contested/{g}': torch.tensor([[float(r[g] - r[h]) for h in 'abc' if h != g] for r in rank])
+               for g in 'abc'}                                                   # (M, n) in file order
+    assert dpo_robustness.pair_coverage(margins, pairs) == 1.0
+    # b's side against everyone is nobody's: sides would read 0.5 for b, and coverage does not
+    assert max((margins['contested/b'] > 0).float().mean(1)).item() == 0.5
+    margins['contested/b'][0, 1] = -1.0                      # member 0 gives up b over c, which member 1 never held
+    assert dpo_robustness.pair_coverage(margins, pairs) == 0.0
 
 
 def test_bad_sets_variants_and_seeds_are_refused(tmp_path):
@@ -58,5 +76,5 @@ def test_train_false_tabulates_only_finished_runs(tmp_path):
         (path / 'report.json').write_text(json.dumps(values))
     dpo_robustness.main(['--sets=user_160,long', '--seeds=1337', '--train=false', f'--study_dir={tmp_path}'])
     lines = (tmp_path / 'dpo_table.md').read_text().splitlines()
-    assert len(lines) == 3 and lines[2].startswith('| user_160 | default | 1337 | 0 | 0.95 / 0.95 | 0.70 |')
+    assert len(lines) == 3 and lines[2].startswith('| user_160 | default | 1337 | 0 | 0.95 / 0.95 | – | 0.70 |')
     assert (tmp_path / 'data' / 'user_160' / 'pairs_train.jsonl').exists()
