@@ -4,6 +4,7 @@
     python train_dpo.py                              # the benchmark's preference pairs, from out/sft
     python train_dpo.py --sft_dir=out/sft_single --out_dir=out/dpo_single   # an M=1 SFT run: plain DPO
     python train_dpo.py --reference=base             # reference policy: the bare base model
+    python train_dpo.py --reference=0.1              # log pi_ref: 0.9 x each member's SFT adapter's + 0.1 x the base's
     python train_dpo.py --data=pairs.jsonl --val_data=pairs_val.jsonl
 
 The policy starts from the SFT run's M adapters. Each step runs chosen and rejected
@@ -11,9 +12,9 @@ responses through one forward pass of all members, forms each member's DPO
 log-likelihood log p_m(x) = log sigmoid(beta * h_m(x)) (METHOD.md §1), shape (M, B),
 and minimises renyi_loss(logp, alpha), the same loss as SFT: each preference trains
 the members that already agree with it, so where annotator groups disagree the
-members take sides (for alpha > 1; RESULTS.md §4.2). The reference log-probs come from a frozen copy of the
-SFT adapters (member m's reference is SFT member m) or from the bare base model;
-they never change, so they are computed once, without gradients, and cached.
+members take sides (for alpha > 1; RESULTS.md §4.2). The reference log-probs mix, in log space, a frozen
+copy of the SFT adapters (member m's reference is SFT member m) and the bare base model
+(reference_logprobs); they never change, so they are computed once, without gradients, and cached.
 
 No Gaussian prior here: DPO's reference term already keeps each member near its start.
 """
@@ -41,7 +42,8 @@ defaults = dict(
     val_fraction=0.1,       # share of prompts held out when --data is given without --val_data
     truncate=False,         # pairs longer than the base's block_size: error (False) or cut the prompt's start
     sft_dir='out/sft',      # the train_sft.py run to start from (its ckpt.pt): `python train_sft.py --out_dir=...`
-    reference='sft',        # 'sft': member m's reference is its own frozen SFT adapter; 'base': the bare base model
+    reference='sft',        # 'sft': member m's reference is its own frozen SFT adapter; 'base': the bare base model;
+                            # a number k in [0, 1]: log pi_ref = (1 - k) log pi_sft_m + k log pi_base
     out_dir='out/dpo',
     resume=False,           # continue from out_dir/ckpt.pt
     # the objective; n_members and the LoRA shape come from the SFT run
@@ -75,22 +77,55 @@ def load_sft(config):
     return load_ensemble(ckpt_path, config['device'])
 
 
-def load_reference(model, sft_config, config):
-    """The frozen reference policy: a copy of the SFT ensemble (logits (M, B, T, V)) or the bare base ((B, T, V))."""
-    if config['reference'] == 'sft':
+def base_share(reference):
+    """k in log pi_ref = (1 - k) log pi_sft_m + k log pi_base: 0 for 'sft', 1 for 'base', else the number given;
+    UserError for anything else."""
+    named = {'sft': 0.0, 'base': 1.0}
+    try:
+        share = named[reference] if reference in named else float(reference)
+    except (TypeError, ValueError):
+        share = float('nan')
+    if not 0 <= share <= 1:                  # also refuses nan
+        raise UserError(f"reference must be 'sft', 'base' or a number in [0, 1], got {reference!r}")
+    return share
+
+
+def load_reference(model, sft_config, config, kind):
+    """A frozen reference policy: kind 'sft', a copy of the SFT ensemble (logits (M, B, T, V)); 'base', the bare
+    base ((B, T, V))."""
+    if kind == 'sft':
         reference = copy.deepcopy(model)
     else:
         base, tokenizer = run_base(sft_config)
         reference, _ = load_base(base, config['device'], tokenizer)
-    return reference.requires_grad_(False).eval()
+    return reference.requires_grad_(False).eval().to(config['device'])
+
+
+def reference_logprobs(model, sft_config, config, encoded, pad_id):
+    """log pi_ref of every pair's chosen and rejected response, {split: (chosen, rejected)}, each (M, N) ((1, N)
+    with the bare base alone): (1 - k) times the SFT members' own plus k times the base's, k = base_share.
+
+    k = 0 starts every member's margin h_m at 0, so DPO splits the contested pairs afresh; k = 1 starts it at
+    what SFT taught member m, so the SFT split carries over; a small k tilts the fresh split towards the SFT
+    one (METHOD.md §2, "Which reference"). Computed once, without gradients: the reference never changes.
+    """
+    share, logps = base_share(config['reference']), {}
+    for kind, weight in (('sft', 1 - share), ('base', share)):
+        if weight == 0:
+            continue
+        reference = load_reference(model, sft_config, config, kind)
+        for name, pairs in encoded.items():
+            chosen, rejected = score_pairs(reference, pairs, pad_id, config['batch_size'])
+            before_chosen, before_rejected = logps.get(name, (0.0, 0.0))
+            logps[name] = (before_chosen + weight * chosen, before_rejected + weight * rejected)
+    return logps
 
 
 def train(config):
     """DPO-train the SFT run's ensemble per config; returns (model, tokenizer, report dict)."""
     check_settings(config, positive=('beta',))
     check_alpha(config['alpha'])
-    if config['reference'] not in ('sft', 'base'):
-        raise UserError(f"reference must be 'sft' or 'base', got {config['reference']!r}")
+    base_share(config['reference'])
     torch.manual_seed(config['seed'])
     device = config['device']
     train_rows, val_rows, test_rows = data.load_pref_rows(config['data'], config['val_data'], config['val_fraction'],
@@ -103,10 +138,7 @@ def train(config):
     encoded = {name: data.encode_pref(rows, tokenizer, model.config.block_size, truncate=config['truncate'])
                for name, rows in (('train', train_rows), ('val', val_rows), ('test', test_rows))}
     model.to(device)   # every input is checked: from here on the work is expensive
-    reference = load_reference(model, sft_config, config).to(device)
-    reference_logps = {name: score_pairs(reference, pairs, tokenizer.eot_token, config['batch_size'])
-                       for name, pairs in encoded.items()}                     # {split: (chosen, rejected)}
-    del reference
+    reference_logps = reference_logprobs(model, sft_config, config, encoded, tokenizer.eot_token)
     os.makedirs(config['out_dir'], exist_ok=True)
     params = lora_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=config['learning_rate'], weight_decay=config['weight_decay'])

@@ -215,10 +215,8 @@ def test_tiny_run_learns_its_training_pairs_and_writes_report_and_plots(files, t
     rows = data.mark_contested(data.load_pref_jsonl(files["pairs"]))
     sft_model, tokenizer_name, sft_config = train_dpo.load_sft(config)
     tokenizer = data.get_tokenizer(tokenizer_name)
-    reference = train_dpo.load_reference(sft_model, sft_config, config)
-    reference_logps = score_pairs(reference, data.encode_pref(rows, tokenizer, 64), tokenizer.eot_token,
-                                  config["batch_size"])
-    assert training_pair_margins(sft_model, tokenizer, rows, reference_logps, config).abs().max() == 0  # start = ref
+    reference_logps = train_dpo.reference_logprobs(sft_model, sft_config, config, dict(
+        train=data.encode_pref(rows, tokenizer, 64)), tokenizer.eot_token)['train']
 
     model, _, report = train_dpo.train(config)
 
@@ -252,12 +250,32 @@ def test_tiny_run_learns_its_training_pairs_and_writes_report_and_plots(files, t
     assert not os.path.exists(tmp_path / "ckpt.pt.tmp")
 
 
+def test_the_reference_mixes_the_sft_members_and_the_base_in_log_space(files, tmp_path):
+    """log pi_ref = (1 - k) log pi_sft_m + k log pi_base, against the two references scored one by one."""
+    model, tokenizer_name, sft_config = train_dpo.load_sft(tiny_config(files, tmp_path))
+    tokenizer = data.get_tokenizer(tokenizer_name)
+    encoded = data.encode_pref(pair_rows(), tokenizer, 64)
+    alone = {kind: score_pairs(train_dpo.load_reference(model, sft_config, tiny_config(files, tmp_path), kind), encoded,
+                               tokenizer.eot_token, 8) for kind in ("sft", "base")}   # (2, N) and (1, N) each
+    for reference, share in (("sft", 0.0), ("base", 1.0), ("0.25", 0.25)):
+        config = tiny_config(files, tmp_path, reference=reference)
+        chosen, rejected = train_dpo.reference_logprobs(model, sft_config, config, dict(test=encoded),
+                                                        tokenizer.eot_token)["test"]
+        for got, which in ((chosen, 0), (rejected, 1)):
+            expected = (1 - share) * alone["sft"][which] + share * alone["base"][which]
+            torch.testing.assert_close(got.expand(2, -1), expected.expand(2, -1))
+    # with the SFT members alone as reference, every margin starts at 0: DPO splits the pairs afresh
+    sft_only = train_dpo.reference_logprobs(model, sft_config, tiny_config(files, tmp_path, reference="sft"),
+                                            dict(test=encoded), tokenizer.eot_token)["test"]
+    assert training_pair_margins(model, tokenizer, pair_rows(), sft_only, tiny_config(files, tmp_path)).abs().max() == 0
+
+
 @pytest.mark.parametrize("reference", ["sft", "base"])
 def test_reference_is_frozen_and_receives_no_gradient(files, tmp_path, reference):
     config = tiny_config(files, tmp_path, reference=reference)
     model, tokenizer_name, sft_config = train_dpo.load_sft(config)
     tokenizer = data.get_tokenizer(tokenizer_name)
-    reference_model = train_dpo.load_reference(model, sft_config, config)
+    reference_model = train_dpo.load_reference(model, sft_config, config, reference)
     before = {name: t.clone() for name, t in reference_model.state_dict().items()}
     encoded = data.encode_pref(pair_rows(), tokenizer, 64)
     ref_chosen, ref_rejected = score_pairs(reference_model, encoded, tokenizer.eot_token, config['batch_size'])
@@ -340,7 +358,8 @@ def test_malformed_pair_file_fails_with_file_and_line(tmp_path, line, message):
     assert not out_dir.exists() and not (tmp_path / "no_sft").exists()   # failed before training anything
 
 
-@pytest.mark.parametrize("arg, message", [("--reference=policy", "reference must be 'sft' or 'base'"),
+@pytest.mark.parametrize("arg, message", [("--reference=policy", "reference must be 'sft', 'base' or a number in [0, 1]"),
+                                          ("--reference=1.5", "got '1.5'"), ("--reference=nan", "got 'nan'"),
                                           ("--alpha=-1", "alpha must be a finite number >= 0"),
                                           ("--beta=high", "--beta=high: expected float")])
 def test_bad_settings_fail_before_training(tmp_path, arg, message):
