@@ -11,6 +11,9 @@ the files it trained and was tested on:
   sharing   the entropy of the training rows' responsibilities softmax_m(alpha log p_m(x)) at the
             run's final alpha, by kind of row: log M when every member trains on a row alike, 0
             when one member trains on it alone
+  tokens    where along a held-out response the members disagree: the mutual information between
+            member and next token at the first response token, and its mean over the others, by
+            kind (auroc_conflict ranks rows by the mean over all tokens)
   disagree  the held-out prompts of --kind that the members disagree about most (whole answers,
             verdict.disagreement), with every member's greedy answer, beside the conflicting
             prompts' range
@@ -25,8 +28,8 @@ import benchmark
 import data
 from checkpoint import load_ensemble
 from config import UserError, parse_args, run_script
-from evaluate import score_rows
-from renyi_lora import responsibilities, responsibility_entropy
+from evaluate import held_out_batches, score_rows
+from renyi_lora import mutual_information, responsibilities, responsibility_entropy
 from routing import routing_matrix, soft_specialisation
 from verdict import answers_by_kind
 
@@ -63,6 +66,30 @@ def sharing(logp, rows, alpha):
     return {kind: entropy[[i for i, k in enumerate(kinds) if k == kind]].mean().item() for kind in sorted(set(kinds))}
 
 
+@torch.no_grad()
+def first_and_rest(model, tokenizer, rows, batch_size):
+    """Per row, teacher-forced on its own response: the members' mutual information (nats) at the first response
+    token, and its mean over the other response tokens (nan for a one-token response). Two lists of N floats."""
+    first, rest = [], []
+    for idx, labels in held_out_batches(model, tokenizer, rows, batch_size):
+        information = mutual_information(model(idx)[..., :-1, :].float().softmax(-1))      # (B, T-1)
+        for row_information, mask in zip(information, labels[:, 1:] != -100):
+            values = row_information[mask]                                                # the response's tokens
+            first.append(values[0].item())
+            rest.append(values[1:].mean().item() if len(values) > 1 else float('nan'))
+    return first, rest
+
+
+def token_disagreement(first, rest, rows):
+    """{kind: (mean of first over the kind's rows, mean of rest over those with more than one token)}."""
+    out = {}
+    for kind in sorted({row.get('kind', 'consistent') for row in rows}):
+        index = [i for i, row in enumerate(rows) if row.get('kind', 'consistent') == kind]
+        later = [rest[i] for i in index if not math.isnan(rest[i])]
+        out[kind] = (sum(first[i] for i in index) / len(index), sum(later) / len(later) if later else float('nan'))
+    return out
+
+
 def main(argv):
     config = parse_args(defaults, argv)
     if not (isinstance(config['top'], int) and config['top'] >= 1):
@@ -88,6 +115,11 @@ def main(argv):
     train_logp = score_rows(model, tokenizer, train_rows, config['batch_size'])['logp']
     for kind, entropy in sharing(train_logp, train_rows, run['alpha']).items():
         print(f"  {kind}: {entropy:.3f} nats")
+
+    print("tokens: the members' disagreement (nats) at the first response token, and per token after it")
+    first, rest = first_and_rest(model, tokenizer, test_rows, config['batch_size'])
+    for kind, (at_first, after) in token_disagreement(first, rest, test_rows).items():
+        print(f"  {kind}: {at_first:.3f}, {after:.3f}")
 
     answers = answers_by_kind(model, tokenizer, test_rows, config['max_new_tokens'], config['batch_size'])
     conflicting = [answer['disagreement'] for answer in answers.get('conflicting', [])]

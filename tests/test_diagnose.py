@@ -8,6 +8,7 @@ import data
 import diagnose
 import train_sft
 from config import UserError
+from evaluate import score_rows
 
 SURE, NEVER = 0.0, -1e4
 
@@ -49,6 +50,22 @@ def run(tmp_path_factory, tiny_base):
     return config
 
 
+def test_first_and_rest_add_up_to_the_reports_summed_disagreement(run):
+    """first + rest * (n - 1) is the epistemic uncertainty summed over the response (evaluate.score_batches)."""
+    model, tokenizer_name, _ = diagnose.load_ensemble(f"{run['out_dir']}/ckpt.pt")
+    model.eval()
+    tokenizer = data.get_tokenizer(tokenizer_name)
+    rows = data.load_sft_jsonl(run['data'])
+    first, rest = diagnose.first_and_rest(model, tokenizer, rows, batch_size=3)
+    for i, row in enumerate(rows):
+        scores = score_rows(model, tokenizer, [row], 1)                      # one row at a time
+        n = scores['n_tokens'].item()
+        summed = first[i] + (rest[i] * (n - 1) if n > 1 else 0.0)
+        assert summed == pytest.approx(scores['epistemic'].item(), rel=1e-4, abs=1e-6)
+    by_kind = diagnose.token_disagreement(first, rest, [dict(kind='a'), dict(kind='b')] * 3)
+    assert by_kind['a'][0] == pytest.approx((first[0] + first[2] + first[4]) / 3)
+
+
 def test_a_run_is_diagnosed_and_its_task_split_matches_the_report(run, capsys):
     diagnose.main([f"--run={run['out_dir']}", '--top=2', '--max_new_tokens=3', '--device=cpu'])
     out = capsys.readouterr().out
@@ -56,6 +73,7 @@ def test_a_run_is_diagnosed_and_its_task_split_matches_the_report(run, capsys):
     lines = out.splitlines()
     assert lines[0].startswith('sides:') and lines[1].startswith(f"  (no task): {report['per_task_specialisation']:.2f}")
     assert any(line.startswith('sharing:') for line in lines) and 'consistent:' in out and 'conflicting:' in out
+    assert any(line.startswith('tokens:') for line in lines)
     assert 'disagree: the 2 of 2 consistent prompts' in out
 
 
