@@ -13,7 +13,8 @@ the files it trained and was tested on:
             when one member trains on it alone
   tokens    where along a held-out response the members disagree: the mutual information between
             member and next token at the first response token, and its mean over the others, by
-            kind (auroc_conflict ranks rows by the mean over all tokens)
+            kind; and the AUROC of conflicting against consistent prompts by the first token's
+            (auroc_conflict ranks prompts by the mean over all tokens)
   disagree  the held-out prompts of --kind that the members disagree about most (whole answers,
             verdict.disagreement), with every member's greedy answer, beside the conflicting
             prompts' range
@@ -28,8 +29,8 @@ import benchmark
 import data
 from checkpoint import load_ensemble
 from config import UserError, parse_args, run_script
-from evaluate import held_out_batches, score_rows
-from renyi_lora import mutual_information, responsibilities, responsibility_entropy
+from evaluate import by_kind_of, held_out_batches, per_prompt_mean, score_rows
+from renyi_lora import auroc, mutual_information, responsibilities, responsibility_entropy
 from routing import routing_matrix, soft_specialisation
 from verdict import answers_by_kind
 
@@ -120,6 +121,11 @@ def main(argv):
     first, rest = first_and_rest(model, tokenizer, test_rows, config['batch_size'])
     for kind, (at_first, after) in token_disagreement(first, rest, test_rows).items():
         print(f"  {kind}: {at_first:.3f}, {after:.3f}")
+    by_kind = by_kind_of(per_prompt_mean(torch.tensor(first), test_rows),
+                         {row['prompt']: row.get('kind', 'consistent') for row in test_rows})
+    if by_kind.get('conflicting') and by_kind.get('consistent'):
+        print(f"  AUROC of conflicting against consistent prompts by the first token's: "
+              f"{auroc(torch.tensor(by_kind['conflicting']), torch.tensor(by_kind['consistent'])):.3f}")
 
     answers = answers_by_kind(model, tokenizer, test_rows, config['max_new_tokens'], config['batch_size'])
     conflicting = [answer['disagreement'] for answer in answers.get('conflicting', [])]

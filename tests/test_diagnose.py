@@ -74,6 +74,8 @@ def test_a_run_is_diagnosed_and_its_task_split_matches_the_report(run, capsys):
     assert lines[0].startswith('sides:') and lines[1].startswith(f"  (no task): {report['per_task_specialisation']:.2f}")
     assert any(line.startswith('sharing:') for line in lines) and 'consistent:' in out and 'conflicting:' in out
     assert any(line.startswith('tokens:') for line in lines)
+    first_token = [line for line in lines if 'AUROC of conflicting against consistent prompts' in line]
+    assert len(first_token) == 1 and 0.0 <= float(first_token[0].split()[-1]) <= 1.0
     assert 'disagree: the 2 of 2 consistent prompts' in out
 
 
