@@ -1,5 +1,5 @@
 """
-Why did a finished train_sft.py run read as it did? Three looks at it, from its checkpoint and
+Why did a finished train_sft.py run read as it did? Four looks at it, from its checkpoint and
 the files it trained and was tested on:
 
     python diagnose.py --run=out/sft
@@ -13,8 +13,8 @@ the files it trained and was tested on:
             when one member trains on it alone
   tokens    where along a held-out response the members disagree: the mutual information between
             member and next token at the first response token, and its mean over the others, by
-            kind; and the AUROC of conflicting against consistent prompts by the first token's
-            (auroc_conflict ranks prompts by the mean over all tokens)
+            kind; and the AUROC of conflicting against consistent prompts ranked by the first
+            token's disagreement (auroc_conflict ranks them by the mean over all tokens)
   disagree  the held-out prompts of --kind that the members disagree about most (whole answers,
             verdict.disagreement), with every member's greedy answer, beside the conflicting
             prompts' range
@@ -70,24 +70,28 @@ def sharing(logp, rows, alpha):
 @torch.no_grad()
 def first_and_rest(model, tokenizer, rows, batch_size):
     """Per row, teacher-forced on its own response: the members' mutual information (nats) at the first response
-    token, and its mean over the other response tokens (nan for a one-token response). Two lists of N floats."""
+    token, and its mean over the other response tokens, the closing end-of-text token included (nan where there is
+    none: a response truncated to one token or to none). Two lists of N floats."""
     first, rest = [], []
     for idx, labels in held_out_batches(model, tokenizer, rows, batch_size):
         information = mutual_information(model(idx)[..., :-1, :].float().softmax(-1))      # (B, T-1)
         for row_information, mask in zip(information, labels[:, 1:] != -100):
             values = row_information[mask]                                                # the response's tokens
-            first.append(values[0].item())
+            first.append(values[0].item() if len(values) else float('nan'))
             rest.append(values[1:].mean().item() if len(values) > 1 else float('nan'))
     return first, rest
 
 
 def token_disagreement(first, rest, rows):
-    """{kind: (mean of first over the kind's rows, mean of rest over those with more than one token)}."""
+    """{kind: (mean of first, mean of rest)} over the kind's rows, each mean leaving out the rows where it is nan."""
+    def mean(values):
+        values = [value for value in values if not math.isnan(value)]
+        return sum(values) / len(values) if values else float('nan')
+
     out = {}
     for kind in sorted({row.get('kind', 'consistent') for row in rows}):
         index = [i for i, row in enumerate(rows) if row.get('kind', 'consistent') == kind]
-        later = [rest[i] for i in index if not math.isnan(rest[i])]
-        out[kind] = (sum(first[i] for i in index) / len(index), sum(later) / len(later) if later else float('nan'))
+        out[kind] = (mean([first[i] for i in index]), mean([rest[i] for i in index]))
     return out
 
 
@@ -105,7 +109,7 @@ def main(argv):
     model.eval()
     n_members = model.lora_config['n_members']
 
-    print(f"sides: soft specialisation within each task, and each group's mean responsibility per member")
+    print("sides: soft specialisation within each task, and each group's mean responsibility per member")
     for task, (specialisation, routing) in sides(score_rows(model, tokenizer, test_rows, config['batch_size'])['logp'],
                                                  test_rows).items():
         print(f"  {task or '(no task)'}: {specialisation:.2f}  " +

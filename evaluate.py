@@ -269,10 +269,14 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
     members = scores['logp'][:, conflicting].argmax(0).tolist()      # argmax responsibility, for any alpha > 0
     lengths = scores['n_tokens'].clamp(min=1) if length_normalise else None                          # (N,) or None
     grouped_logp, grouped_groups = scores['logp'][:, grouped], [test_rows[i]['group'] for i in grouped]
-    within = lambda key: specialisation_within(grouped_logp, grouped_groups, [test_rows[i].get(key) for i in grouped])
+
+    def within(key):            # the split inside each task, or each prompt, of the grouped rows
+        return specialisation_within(grouped_logp, grouped_groups, [test_rows[i].get(key) for i in grouped])
+
     report = dict(alpha=alpha, n_members=scores['logp'].shape[0],
                   soft_specialisation=soft_specialisation(grouped_logp, grouped_groups),
-                  per_task_specialisation=within('task'), per_prompt_specialisation=within('prompt'),
+                  per_task_specialisation=within('task'),
+                  per_prompt_specialisation=within('prompt'),
                   argmax_specialisation=specialisation(members, groups),
                   routing=routing_matrix(scores['logp'][:, conflicting], alpha, groups,
                                          None if lengths is None else lengths[conflicting]) if groups else None)

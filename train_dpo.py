@@ -116,8 +116,10 @@ def reference_logprobs(model, sft_config, config, encoded, pad_id):
         reference = load_reference(model, sft_config, config, kind)
         for name, pairs in encoded.items():
             chosen, rejected = score_pairs(reference, pairs, pad_id, config['batch_size'])
+            # the sums start at 0.0; the base's (1, N) broadcasts against the SFT members' (M, N)
             before_chosen, before_rejected = logps.get(name, (0.0, 0.0))
             logps[name] = (before_chosen + weight * chosen, before_rejected + weight * rejected)
+        del reference                        # one reference model in memory at a time
     return logps
 
 

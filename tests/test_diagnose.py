@@ -9,6 +9,7 @@ import diagnose
 import train_sft
 from config import UserError
 from evaluate import score_rows
+from renyi_lora import mutual_information
 
 SURE, NEVER = 0.0, -1e4
 
@@ -62,8 +63,15 @@ def test_first_and_rest_add_up_to_the_reports_summed_disagreement(run):
         n = scores['n_tokens'].item()
         summed = first[i] + (rest[i] * (n - 1) if n > 1 else 0.0)
         assert summed == pytest.approx(scores['epistemic'].item(), rel=1e-4, abs=1e-6)
-    by_kind = diagnose.token_disagreement(first, rest, [dict(kind='a'), dict(kind='b')] * 3)
-    assert by_kind['a'][0] == pytest.approx((first[0] + first[2] + first[4]) / 3)
+    # "first" is the first response token: the members' disagreement about what follows the prompt alone
+    for i, row in enumerate(rows):
+        ids = torch.tensor([[tokenizer.eot_token] + tokenizer.encode_ordinary(row['prompt'])])
+        after_prompt = model(ids)[:, 0, -1].float().softmax(-1)                     # (M, V)
+        assert first[i] == pytest.approx(mutual_information(after_prompt).item(), rel=1e-4, abs=1e-6)
+    nan = float('nan')
+    by_kind = diagnose.token_disagreement([0.1, 0.2, 0.3, nan], [0.5, nan, 0.7, 0.9],
+                                          [dict(kind='a'), dict(kind='a'), dict(kind='a'), dict(kind='b')])
+    assert by_kind['a'] == (pytest.approx(0.2), pytest.approx(0.6)) and math.isnan(by_kind['b'][0])
 
 
 def test_a_run_is_diagnosed_and_its_task_split_matches_the_report(run, capsys):

@@ -59,6 +59,15 @@ def test_pair_coverage_asks_a_member_for_every_ordered_pair_not_for_every_group(
     assert dpo_robustness.pair_coverage(margins, pairs) == 0.0
 
 
+def test_pair_coverage_asks_one_member_to_hold_all_of_a_pairs_prompts():
+    """a over b on two prompts, member 0 holding one and member 1 the other: the best member holds half."""
+    pairs = [dict(prompt=p, chosen=f' {g}{p}', rejected=f' {h}{p}', task='record', group=g)
+             for p in 'pq' for g, h in (('a', 'b'), ('b', 'a'))]
+    margins = {'contested/a': torch.tensor([[1.0, -1.0], [-1.0, 1.0]]),          # columns: prompts p, q
+               'contested/b': torch.tensor([[1.0, 1.0], [1.0, 1.0]])}
+    assert dpo_robustness.pair_coverage(margins, pairs) == 0.5
+
+
 def test_bad_sets_variants_and_seeds_are_refused(tmp_path):
     for arg, message in (('--sets=no_conflict', "unknown set 'no_conflict'"),
                          ('--variants=single', "unknown variant 'single'"),

@@ -261,6 +261,7 @@ def test_the_reference_mixes_the_sft_members_and_the_base_in_log_space(files, tm
         config = tiny_config(files, tmp_path, reference=reference)
         chosen, rejected = train_dpo.reference_logprobs(model, sft_config, config, dict(test=encoded),
                                                         tokenizer.eot_token)["test"]
+        assert chosen.shape == rejected.shape == ((1 if share == 1 else 2), len(encoded))   # (M, N); the base alone (1, N)
         for got, which in ((chosen, 0), (rejected, 1)):
             expected = (1 - share) * alone["sft"][which] + share * alone["base"][which]
             torch.testing.assert_close(got.expand(2, -1), expected.expand(2, -1))
