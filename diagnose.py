@@ -100,6 +100,8 @@ def main(argv):
     if not (isinstance(config['top'], int) and config['top'] >= 1):
         raise UserError(f"top must be a whole number >= 1, got {config['top']!r}")
     model, tokenizer_name, run = load_ensemble(f"{config['run']}/ckpt.pt", config['device'])
+    if 'sft_dir' in run:                     # only train_dpo.py's runs start from another run
+        raise UserError(f"{config['run']} is a train_dpo.py run; diagnose.py reads train_sft.py runs")
     train_rows, _, test_rows, _ = data.load_sft_rows(run['data'], run['val_data'], run.get('ood_data', ''),
                                                      run.get('val_fraction', 0.1), run['seed'], run.get('corrupt', 0.0))
     kinds = sorted({row.get('kind', 'consistent') for row in test_rows})

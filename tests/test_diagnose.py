@@ -97,3 +97,9 @@ def test_bad_settings_are_refused_in_one_line(run, argument, message):
 def test_a_missing_run_is_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match='not found'):
         diagnose.main([f'--run={tmp_path}', '--device=cpu'])
+
+
+def test_a_dpo_run_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(diagnose, 'load_ensemble', lambda path, device: (None, 'gpt2', dict(sft_dir='out/sft')))
+    with pytest.raises(UserError, match='is a train_dpo.py run; diagnose.py reads train_sft.py runs'):
+        diagnose.main(['--run=out/dpo', '--device=cpu'])
