@@ -31,7 +31,7 @@ from checkpoint import load_ensemble
 from config import UserError, parse_args, run_script
 from evaluate import by_kind_of, held_out_batches, per_prompt_mean, score_rows
 from renyi_lora import auroc, mutual_information, responsibilities, responsibility_entropy
-from routing import routing_matrix, soft_specialisation
+from routing import routing_matrix, specialisation_by
 from verdict import answers_by_kind
 
 defaults = dict(
@@ -48,15 +48,14 @@ def sides(logp, rows):
     """{task: (soft specialisation, {group: [mean responsibility of each member]})} over the rows a group gave.
 
     logp: (M, N) log-likelihoods of rows. The responsibilities are the alpha = 1 posterior softmax_m(log p_m(x)),
-    as soft_specialisation uses. Tasks with a single group are left out.
+    as soft_specialisation uses. Tasks with a single group are left out (routing.specialisation_by).
     """
     grouped = [i for i, row in enumerate(rows) if row.get('group') not in (None, benchmark.ALL)]
+    groups, tasks = [rows[i]['group'] for i in grouped], [rows[i].get('task', '') for i in grouped]
     out = {}
-    for task in sorted({rows[i].get('task', '') for i in grouped}):
-        index = [i for i in grouped if rows[i].get('task', '') == task]
-        groups = [rows[i]['group'] for i in index]
-        if len(set(groups)) > 1:
-            out[task] = (soft_specialisation(logp[:, index], groups), routing_matrix(logp[:, index], 1.0, groups))
+    for task, specialisation in sorted(specialisation_by(logp[:, grouped], groups, tasks).items()):
+        index = [j for j, t in enumerate(tasks) if t == task]
+        out[task] = (specialisation, routing_matrix(logp[:, grouped][:, index], 1.0, [groups[j] for j in index]))
     return out
 
 
@@ -130,7 +129,7 @@ def main(argv):
     by_kind = by_kind_of(per_prompt_mean(torch.tensor(first), test_rows),
                          {row['prompt']: row.get('kind', 'consistent') for row in test_rows})
     if by_kind.get('conflicting') and by_kind.get('consistent'):
-        print(f"  AUROC of conflicting against consistent prompts by the first token's: "
+        print(f"  AUROC of conflicting against consistent prompts by the first token's disagreement: "
               f"{auroc(torch.tensor(by_kind['conflicting']), torch.tensor(by_kind['consistent'])):.3f}")
 
     answers = answers_by_kind(model, tokenizer, test_rows, config['max_new_tokens'], config['batch_size'])

@@ -114,7 +114,7 @@ def over_seeds(rows):
 
     Consistent accuracy on 40 held-out prompts moves from one adapter to the next by about as much as its 0.05
     target: single adapters trained on the same files with other seeds differ by up to 0.2 (RESULTS.md §9). The
-    mean over seeds says whether the ensemble is behind the single adapter or drew a worse seed than it.
+    mean over seeds averages part of that noise away; a mean of three seeds still moves by about 0.04.
     """
     runs = {}
     for r in rows:

@@ -58,21 +58,28 @@ def soft_specialisation(logp, groups):
     return (mutual_information / group_entropy).item()
 
 
-def specialisation_within(logp, groups, keys):
-    """soft_specialisation within each value of keys that several groups share, averaged over those values.
+def specialisation_by(logp, groups, keys):
+    """{key: soft_specialisation of the rows with that key}, for each value of keys that several groups share.
 
-    logp: (M, N), groups and keys: N labels -> float in [0, 1], or None without such a key.
+    logp: (M, N), groups and keys: N labels. Keys whose rows come from a single group are left out.
+    """
+    rows_of = {}
+    for i, key in enumerate(keys):
+        rows_of.setdefault(key, []).append(i)
+    scores = {key: soft_specialisation(logp[:, rows], [groups[i] for i in rows]) for key, rows in rows_of.items()}
+    return {key: score for key, score in scores.items() if score is not None}
+
+
+def specialisation_within(logp, groups, keys):
+    """specialisation_by averaged over the keys, each key counting once: a float in [0, 1], or None without such a key.
+
     With keys the rows' prompts (per_prompt_specialisation in the report) it is 1 when, on every
     conflicting prompt, each group's response is explained by its own members, even if which
     members side with which group changes from prompt to prompt; with keys their tasks
     (per_task_specialisation), when the sides stay fixed within a task but may pair up differently
     from one task to the next. soft_specialisation is 1 only when the sides stay the same everywhere.
     """
-    rows_of = {}
-    for i, key in enumerate(keys):
-        rows_of.setdefault(key, []).append(i)
-    scores = [soft_specialisation(logp[:, rows], [groups[i] for i in rows]) for rows in rows_of.values()]
-    scores = [score for score in scores if score is not None]
+    scores = list(specialisation_by(logp, groups, keys).values())
     return sum(scores) / len(scores) if scores else None
 
 
