@@ -14,7 +14,7 @@ the files it trained and was tested on:
   tokens    where along a held-out response the members disagree: the mutual information between
             member and next token at the first response token, and its mean over the others, by
             kind; and the AUROC of conflicting against consistent prompts ranked by the first
-            token's disagreement (auroc_conflict ranks them by the mean over all tokens)
+            token's disagreement (auroc_conflict_token_mixture ranks them by the mean over all tokens)
   disagree  the held-out prompts of --kind that the members disagree about most (whole answers,
             verdict.disagreement), with every member's greedy answer, beside the conflicting
             prompts' range

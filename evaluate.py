@@ -34,6 +34,7 @@ def score_batches(model, batches):
       logp (M, N)        summed log-likelihood of each response under each member
       n_tokens (N,)      response tokens (labels != -100, after the shift)
       epistemic (N,)     sum over response tokens of the members' mutual information (equal weights)
+      epistemic_sequence (N,)  the same sum with the sequence mixture's posterior weights at each token
       total, aleatoric (N,)  the same sums for H(p_bar) and mean_m H(p_m)
     and, over all K response tokens, for each mixture of MIXTURES (keys suffixed by its suffix):
       token_confidence, token_correct, token_true_prob  (K,)
@@ -50,12 +51,14 @@ def score_batches(model, batches):
         token_logp = logprobs.gather(-1, targets.clamp(min=0).expand(logprobs.shape[:-1]).unsqueeze(-1)).squeeze(-1)
         token_logp = token_logp * mask                         # (M, B, T-1), 0 off the response
         prefix_logp = token_logp.cumsum(-1) - token_logp       # (M, B, T-1): log p_m(y_<t | x)
+        posterior = posterior_weights(prefix_logp)             # (M, B, T-1): the sequence mixture's weights
         part = dict(logp=token_logp.sum(-1), n_tokens=mask.sum(-1),
                     epistemic=(mutual_information(probs) * mask).sum(-1),
+                    epistemic_sequence=(mutual_information(probs, posterior) * mask).sum(-1),
                     total=(predictive_entropy(probs) * mask).sum(-1),
                     aleatoric=(expected_entropy(probs) * mask).sum(-1))
         for name, suffix in MIXTURES.items():
-            weights = posterior_weights(prefix_logp) if name == 'sequence' else torch.full_like(prefix_logp, 1 / len(probs))
+            weights = posterior if name == 'sequence' else torch.full_like(prefix_logp, 1 / len(probs))
             mixture = mixture_next_token_logprobs(logprobs, weights).exp()      # (B, T-1, V)
             confidence, prediction = mixture.max(-1)                            # (B, T-1)
             part |= {f'token_confidence{suffix}': confidence[mask], f'token_correct{suffix}': (prediction == targets)[mask],
@@ -175,12 +178,26 @@ def coherence(model, tokenizer, rows, n_samples, max_new_tokens, seed, max_promp
 
 
 def epistemic_per_token(scores):
-    """Each example's epistemic uncertainty per response token, (N,): the score every AUROC here ranks by.
+    """Each example's epistemic uncertainty per response token under the equal-weight token mixture, (N,).
 
     Dividing the summed mutual information by the length keeps long responses
     (the two-field cards) from looking uncertain merely for being long.
     """
     return scores['epistemic'] / scores['n_tokens'].clamp(min=1)
+
+
+def epistemic_scores(scores):
+    """Each example's epistemic uncertainty under each predictive of MIXTURES, {suffix: (N,)}: what the AUROCs rank by.
+
+      sequence mixture ('')   sum over the response of the mutual information between member and next token,
+                              each member weighted by how well it explains the response so far (posterior_weights).
+                              Averaged over responses drawn from the ensemble this is I(member; y | x) <= log M
+                              (the chain rule), so it neither grows with length nor fades with it: once the first
+                              tokens have told whose response it is, the members behind it no longer count as
+                              disagreeing with the others
+      token mixture           epistemic_per_token: every member weighted 1/M at every token, averaged over tokens
+    """
+    return {MIXTURES['sequence']: scores['epistemic_sequence'], MIXTURES['token']: epistemic_per_token(scores)}
 
 
 def rescaled_epistemic(model, tokenizer, rows, batch_size):
@@ -204,20 +221,27 @@ def by_kind_of(score_of_prompt, kind_of):
             for kind in sorted(set(kind_of.values()))}
 
 
-def kind_aurocs(epistemic, aleatoric, disagreement):
-    """Which uncertainty tells which kind of prompt apart (METHOD.md §6), each a {kind: [per-prompt score]}:
+def epistemic_aurocs(epistemic, suffix=''):
+    """The AUROCs of an epistemic score {kind: [per-prompt score]} (METHOD.md §6), keys suffixed by its mixture's suffix:
 
-      auroc_conflict                       epistemic per token: conflicting above consistent
+      auroc_conflict               conflicting above consistent
+      auroc_conflict_vs_ambiguous  conflicting above high-entropy
+    Conflict should read as epistemic, ambiguity (many acceptable answers) should not. Null where a kind is missing.
+    """
+    pair = lambda high, low: safe_auroc(epistemic.get(high, []), epistemic.get(low, []))
+    return {f'auroc_conflict{suffix}': pair('conflicting', 'consistent'),
+            f'auroc_conflict_vs_ambiguous{suffix}': pair('conflicting', 'high_entropy')}
+
+
+def answer_aurocs(aleatoric, disagreement):
+    """The AUROCs of the other scores, each a {kind: [per-prompt score]} (METHOD.md §6):
+
       auroc_conflict_answers               disagreement about whole answers: conflicting above consistent
-      auroc_conflict_vs_ambiguous          epistemic per token: conflicting above high-entropy
       auroc_conflict_vs_ambiguous_answers  disagreement: conflicting above high-entropy
       auroc_ambiguous_aleatoric            aleatoric per token: high-entropy above conflicting
-    Conflict should read as epistemic, ambiguity (many acceptable answers) as aleatoric. Null where a kind is missing.
     """
     pair = lambda scores, high, low: safe_auroc(scores.get(high, []), scores.get(low, []))
-    return dict(auroc_conflict=pair(epistemic, 'conflicting', 'consistent'),
-                auroc_conflict_answers=pair(disagreement, 'conflicting', 'consistent'),
-                auroc_conflict_vs_ambiguous=pair(epistemic, 'conflicting', 'high_entropy'),
+    return dict(auroc_conflict_answers=pair(disagreement, 'conflicting', 'consistent'),
                 auroc_conflict_vs_ambiguous_answers=pair(disagreement, 'conflicting', 'high_entropy'),
                 auroc_ambiguous_aleatoric=pair(aleatoric, 'high_entropy', 'conflicting'))
 
@@ -249,15 +273,17 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
     read-outs of answer_readouts; without them those keys are null.
     length_normalise: the routing read-outs route by log p_m(x) / |y|, as the run trained.
     readouts holds what the plots are drawn from: the test rows' score_rows dict under
-    'scores' and the per-prompt epistemic scores by kind under 'by_kind'.
+    'scores' and the per-prompt epistemic scores (the sequence mixture's) by kind under 'by_kind'.
+    The epistemic read-outs (auroc_conflict, auroc_ood, epistemic_by_kind, ...) follow the sequence
+    mixture; the token mixture's carry the suffix _token_mixture (epistemic_scores).
     """
     model.eval()
     scores = score_rows(model, tokenizer, test_rows, batch_size)
     kinds = [row.get('kind', 'consistent') for row in test_rows]
-    epistemic = per_prompt_mean(epistemic_per_token(scores), test_rows)
+    epistemic = {suffix: per_prompt_mean(score, test_rows) for suffix, score in epistemic_scores(scores).items()}
     aleatoric = per_prompt_mean(scores['aleatoric'] / scores['n_tokens'].clamp(min=1), test_rows)
     kind_of = {row['prompt']: row.get('kind', 'consistent') for row in test_rows}
-    by_kind = by_kind_of(epistemic, kind_of)
+    by_kind = {suffix: by_kind_of(score, kind_of) for suffix, score in epistemic.items()}
     aleatoric_by_kind = by_kind_of(aleatoric, kind_of)
     from_answers = answer_readouts(answers, test_rows) if answers else dict(
         disagreement={}, member_accuracy=None, greedy_correct=None)
@@ -280,14 +306,18 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
                   argmax_specialisation=specialisation(members, groups),
                   routing=routing_matrix(scores['logp'][:, conflicting], alpha, groups,
                                          None if lengths is None else lengths[conflicting]) if groups else None)
-    report |= kind_aurocs(by_kind, aleatoric_by_kind, disagreement_by_kind)
-    report |= dict(auroc_ood=None, auroc_ood_vs_consistent=None, coherence=None)
+    for suffix in MIXTURES.values():
+        report |= epistemic_aurocs(by_kind[suffix], suffix)
+    report |= answer_aurocs(aleatoric_by_kind, disagreement_by_kind)
     report |= task_routing(scores['logp'], alpha, test_rows, lengths)
+    report['coherence'] = None
     if ood_rows:
-        ood_scores = score_rows(model, tokenizer, ood_rows, batch_size)
-        by_kind['ood'] = list(per_prompt_mean(epistemic_per_token(ood_scores), ood_rows).values())
-        report['auroc_ood'] = safe_auroc(by_kind['ood'], list(epistemic.values()))
-        report['auroc_ood_vs_consistent'] = safe_auroc(by_kind['ood'], by_kind.get('consistent', []))
+        for suffix, score in epistemic_scores(score_rows(model, tokenizer, ood_rows, batch_size)).items():
+            by_kind[suffix]['ood'] = list(per_prompt_mean(score, ood_rows).values())
+    for suffix in MIXTURES.values():            # null without ood rows
+        ood = by_kind[suffix].get('ood', [])
+        report[f'auroc_ood{suffix}'] = safe_auroc(ood, list(epistemic[suffix].values()))
+        report[f'auroc_ood_vs_consistent{suffix}'] = safe_auroc(ood, by_kind[suffix].get('consistent', []))
     for name, suffix in MIXTURES.items():          # greedy answers of each mixture to the prompts of each kind
         for kind in ('consistent', 'high_entropy', 'conflicting'):
             rows = [row for row in test_rows if row.get('kind', 'consistent') == kind]
@@ -302,13 +332,14 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
     for suffix in MIXTURES.values():
         report |= calibration(scores, suffix)
     mean_by_kind = lambda scores: {kind: sum(v) / len(v) for kind, v in scores.items() if v}
-    report |= dict(epistemic_by_kind=mean_by_kind(by_kind),
+    report |= dict(epistemic_by_kind=mean_by_kind(by_kind['']),
+                   epistemic_by_kind_token_mixture=mean_by_kind(by_kind['_token_mixture']),
                    aleatoric_by_kind=mean_by_kind(aleatoric_by_kind),
                    disagreement_by_kind=mean_by_kind(disagreement_by_kind),
                    member_accuracy_consistent=from_answers['member_accuracy'],
                    greedy_correct=from_answers['greedy_correct'])
     model.train()
-    return report, dict(scores=scores, by_kind=by_kind)
+    return report, dict(scores=scores, by_kind=by_kind[''])
 
 
 def markdown_table(rows, columns):

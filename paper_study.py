@@ -12,7 +12,7 @@ read from the runs' reports (RESULTS.md, "The paper's operating point"):
               corrupted rows' responsibility spreads over the members against the clean rows'
               (claim c: the responsibilities keep wrong labels on few members)
     ambiguity conflict should read as epistemic and many acceptable answers as aleatoric:
-              the AUROCs of evaluate.kind_aurocs and the scores' means by kind
+              the AUROCs of evaluate.epistemic_aurocs and answer_aurocs, and the scores' means by kind
 
     python paper_study.py                                  # every variant, seeds 1337, 1, 2; noise 0.2 at 1337
     python paper_study.py --variants=paper,single --seeds=1337 --noise=0.1,0.2

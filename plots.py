@@ -40,7 +40,7 @@ def uncertainty_histograms(ax, scores_by_kind):
     top = max((max(v) for v in scores_by_kind.values() if v), default=1.0)
     for kind, values in scores_by_kind.items():
         ax.hist(values, bins=30, range=(0, top), alpha=0.5, label=kind)
-    ax.set_xlabel('epistemic uncertainty (mutual information, nats per response token)')
+    ax.set_xlabel('epistemic uncertainty (I(member; response), nats, sequence mixture)')
     ax.set_ylabel('prompts')
     ax.legend()
     ax.set_title('uncertainty by task kind')

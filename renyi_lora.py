@@ -268,26 +268,30 @@ def check_alpha(alpha):
 # ---------------------------------------------------------------------------
 # Uncertainty read-outs and evaluation (METHOD.md §6)
 
-def predictive_entropy(probs):
-    """Total uncertainty H(p_bar), p_bar = mean_m p_m.
+def predictive_entropy(probs, weights=None):
+    """Total uncertainty H(p_bar), p_bar = sum_m w_m p_m (w_m = 1/M without weights).
 
-    probs: (M, ..., V) member distributions -> (...). In nats.
+    probs: (M, ..., V) member distributions; weights: (M, ...) summing to one over members,
+    e.g. posterior_weights for the sequence mixture -> (...). In nats.
     """
-    mixture = probs.mean(dim=0)
+    mixture = probs.mean(dim=0) if weights is None else (weights.unsqueeze(-1) * probs).sum(dim=0)
     return -(mixture * torch.log(mixture.clamp_min(1e-30))).sum(-1)
 
 
-def expected_entropy(probs):
-    """Aleatoric uncertainty mean_m H(p_m). probs: (M, ..., V) -> (...)."""
-    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).mean(dim=0)
+def expected_entropy(probs, weights=None):
+    """Aleatoric uncertainty sum_m w_m H(p_m) (mean_m without weights). probs: (M, ..., V) -> (...)."""
+    entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)                 # (M, ...)
+    return entropy.mean(dim=0) if weights is None else (weights * entropy).sum(dim=0)
 
 
-def mutual_information(probs):
-    """Epistemic uncertainty: H(p_bar) - mean_m H(p_m) >= 0, the members' disagreement.
+def mutual_information(probs, weights=None):
+    """Epistemic uncertainty: H(p_bar) - sum_m w_m H(p_m) >= 0, the members' disagreement.
 
-    probs: (M, ..., V) -> (...).
+    probs: (M, ..., V) -> (...). With the sequence mixture's posterior_weights at each token
+    it is the information the next token carries about which member is speaking, given the
+    response so far; summed over a response it adds up (chain rule) to I(member; y | x).
     """
-    return (predictive_entropy(probs) - expected_entropy(probs)).clamp_min(0.0)
+    return (predictive_entropy(probs, weights) - expected_entropy(probs, weights)).clamp_min(0.0)
 
 
 def auroc(pos_scores, neg_scores):

@@ -10,9 +10,11 @@ sets of conflict_sets.FAMILY x seeds x variants, each beside a single adapter
     d_nll, d_acc         NLL per token and consistent accuracy minus the single adapter's (targets:
                          d_nll <= 0.05 for the sequence mixture the objective trains, d_acc >= -0.05);
                          the equal-weight token mixture's NLL is shown beside it
-    auroc_conflict       epistemic uncertainty per token separating conflicting from consistent prompts
-                         (>= 0.9); beside it, auroc_answers: the members' disagreement about whole answers
-                         (blank, and not judged, for a report older than that read-out)
+    auroc_conflict       the sequence mixture's epistemic uncertainty, I(member; next token) summed along
+                         the response (evaluate.epistemic_scores), separating conflicting from consistent
+                         prompts (>= 0.9); beside it the token mixture's per-token average, which long
+                         responses dilute (shown, not judged), and auroc_answers: the members'
+                         disagreement about whole answers
 
     python robustness.py                                   # every set, seeds 1337, 1, 2, variant 'default'
     python robustness.py --sets=user_160,long --seeds=1337 --variants=default,ramp,alpha_1
@@ -76,13 +78,13 @@ def row(name, seed, variant, report, single):
     d_nll_token = report['nll_token_mixture'] - single['nll_token_mixture']
     d_acc = report['accuracy_consistent'] - single['accuracy_consistent']
     soft = report['soft_specialisation']
-    answers = report.get('auroc_conflict_answers')          # None in a report older than the read-out
+    answers = report['auroc_conflict_answers']
     misses = [what for what, ok in (
         ('starved', not report['starved_members']),
         ('soft', soft is None or (soft >= 0.5 if has_conflict else soft <= 0.1)),
         ('nll', round(d_nll, 6) <= 0.05), ('acc', round(d_acc, 6) >= -0.05),   # round: 0.6625 - 0.7125 is -0.0500...04
         ('auroc', not has_conflict or (report['auroc_conflict'] or 0) >= 0.9),
-        ('auroc_answers', not has_conflict or answers is None or answers >= 0.9)) if not ok]
+        ('auroc_answers', not has_conflict or (answers or 0) >= 0.9)) if not ok]
     return dict(set=name, seed=seed, variant=variant, soft_specialisation=soft,
                 per_prompt_specialisation=report.get('per_prompt_specialisation'),
                 starved=len(report['starved_members']), nll=report['nll'], d_nll=d_nll,
@@ -90,6 +92,7 @@ def row(name, seed, variant, report, single):
                 accuracy_consistent=report['accuracy_consistent'], d_acc=d_acc,
                 accuracy_consistent_token_mixture=report['accuracy_consistent_token_mixture'],
                 auroc_conflict=report['auroc_conflict'], auroc_conflict_answers=answers,
+                auroc_conflict_token_mixture=report['auroc_conflict_token_mixture'],
                 misses=misses)
 
 
@@ -97,15 +100,16 @@ def table(rows):
     """Markdown: one line per run, and the targets it misses."""
     lines = ['| set | variant | seed | soft_spec | per-prompt spec | starved | nll (Δ single) | '
              'nll token mixture (Δ single) | acc_consistent (Δ single) | acc token mixture | auroc_conflict | '
-             'auroc answers | misses |',
-             '|---' * 13 + '|']
+             'auroc token mixture | auroc answers | misses |',
+             '|---' * 14 + '|']
     for r in rows:
-        soft, per_prompt, auroc, answers = ('–' if r[key] is None else f"{r[key]:.2f}" for key in (
-            'soft_specialisation', 'per_prompt_specialisation', 'auroc_conflict', 'auroc_conflict_answers'))
+        soft, per_prompt, auroc, auroc_token, answers = ('–' if r[key] is None else f"{r[key]:.2f}" for key in (
+            'soft_specialisation', 'per_prompt_specialisation', 'auroc_conflict', 'auroc_conflict_token_mixture',
+            'auroc_conflict_answers'))
         lines.append(f"| {r['set']} | {r['variant']} | {r['seed']} | {soft} | {per_prompt} | {r['starved']} | "
                      f"{r['nll']:.3f} ({r['d_nll']:+.3f}) | {r['nll_token_mixture']:.3f} ({r['d_nll_token_mixture']:+.3f}) | "
                      f"{r['accuracy_consistent']:.2f} ({r['d_acc']:+.2f}) | {r['accuracy_consistent_token_mixture']:.2f} | "
-                     f"{auroc} | {answers} | {', '.join(r['misses']) or 'none'} |")
+                     f"{auroc} | {auroc_token} | {answers} | {', '.join(r['misses']) or 'none'} |")
     return '\n'.join(lines)
 
 

@@ -229,7 +229,7 @@ def train(config, lr_schedule=learning_rate, on_step=None):
 def finished_report(config, may_train=True, reevaluate=False):
     """The report.json of the run in config['out_dir'], trained first unless it exists (None: absent, may_train false).
 
-    A report written before today's read-outs (no auroc_conflict_answers), or any report when
+    A report written before today's read-outs (no auroc_conflict_token_mixture), or any report when
     reevaluate is true, is made again from the run's checkpoint: train resumes at its last step,
     trains no further and evaluates with today's code and held-out file. The study scripts
     (robustness.py, paper_study.py, long_study.py) read their runs through this.
@@ -245,7 +245,7 @@ def finished_report(config, may_train=True, reevaluate=False):
             return None
         print(f"== {config['out_dir']}", flush=True)
         train(config)
-    elif may_train and (reevaluate or 'auroc_conflict_answers' not in read()):
+    elif may_train and (reevaluate or 'auroc_conflict_token_mixture' not in read()):
         print(f"== {config['out_dir']}: evaluated again from its checkpoint", flush=True)
         train_seconds = read()['train_seconds']
         _, _, report, _ = train(config | dict(resume=True))

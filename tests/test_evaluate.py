@@ -94,10 +94,12 @@ def test_score_batches_mixtures_token_by_token_against_a_slow_loop():
     labels = idx.clone()
     labels[0, :3], labels[1, :5] = -100, -100                                  # prompts of 3 and 5 tokens
     scores = score_batches(model, [(idx, labels)])
-    logprobs = model(idx).double().log_softmax(-1)                             # (M, B, T, V)
-    expected_sequence, expected_token = [], []
+    logprobs = model(idx).detach().double().log_softmax(-1)                    # (M, B, T, V)
+    expected_sequence, expected_token, expected_information = [], [], []
+    entropy = lambda p: -sum(q * math.log(q) for q in p.tolist() if q > 0)
     for b in range(2):
         prefix = torch.zeros(3, dtype=torch.float64)
+        information = 0.0
         for t in range(1, 9):
             if labels[b, t] == -100:
                 continue
@@ -105,7 +107,12 @@ def test_score_batches_mixtures_token_by_token_against_a_slow_loop():
             weights = prefix.exp() / prefix.exp().sum()
             expected_sequence.append((weights * member_probs).sum().item())
             expected_token.append(member_probs.mean().item())
+            next_token = logprobs[:, b, t - 1].exp()                           # (M, V)
+            information += entropy(weights @ next_token) - sum(w * entropy(p) for w, p in zip(weights, next_token))
             prefix += member_probs.log()
+        expected_information.append(information)
+    torch.testing.assert_close(scores['epistemic_sequence'].double(),
+                               torch.tensor(expected_information, dtype=torch.float64), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(scores['token_true_prob'].double(), torch.tensor(expected_sequence, dtype=torch.float64),
                                rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(scores['token_true_prob_token_mixture'].double(),
@@ -152,13 +159,15 @@ def test_kind_aurocs_against_pairwise_counts():
     epistemic = dict(conflicting=[0.9, 0.4], consistent=[0.1, 0.5, 0.2], high_entropy=[0.6, 0.3])
     aleatoric = dict(conflicting=[0.2, 0.3], consistent=[0.1], high_entropy=[0.9, 0.3])
     disagreement = dict(conflicting=[1.0, 0.7], consistent=[0.0, 0.0, 0.7], high_entropy=[0.1, 0.2])
-    aurocs = evaluate.kind_aurocs(epistemic, aleatoric, disagreement)
+    aurocs = evaluate.epistemic_aurocs(epistemic) | evaluate.answer_aurocs(aleatoric, disagreement)
     assert aurocs['auroc_conflict'] == pytest.approx(pairwise([0.9, 0.4], [0.1, 0.5, 0.2]))            # 4/6
     assert aurocs['auroc_conflict_answers'] == pytest.approx(pairwise([1.0, 0.7], [0.0, 0.0, 0.7]))   # 5.5/6
     assert aurocs['auroc_conflict_vs_ambiguous'] == pytest.approx(0.75)
     assert aurocs['auroc_conflict_vs_ambiguous_answers'] == pytest.approx(1.0)
     assert aurocs['auroc_ambiguous_aleatoric'] == pytest.approx(pairwise([0.9, 0.3], [0.2, 0.3]))     # 3.5/4
-    assert evaluate.kind_aurocs(epistemic, aleatoric, {})['auroc_conflict_answers'] is None
+    assert evaluate.answer_aurocs(aleatoric, {})['auroc_conflict_answers'] is None
+    suffixed = evaluate.epistemic_aurocs(dict(conflicting=[0.9]), '_token_mixture')
+    assert suffixed == dict(auroc_conflict_token_mixture=None, auroc_conflict_vs_ambiguous_token_mixture=None)
 
 
 def test_answer_readouts_hand_case():

@@ -53,6 +53,39 @@ def test_mutual_information_nonnegative_and_equal_to_difference_with_batch_axes(
             assert mi[b, t].item() == pytest.approx(expected, abs=1e-12)
 
 
+def test_weighted_mutual_information_hand_values_and_ends():
+    """sum_m w_m p_m against sum_m w_m H(p_m); uniform weights give the unweighted read-outs, one member's none."""
+    probs = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)  # (M=2, V=3)
+    weights = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    total, aleatoric = entropy([0.875, 0.125]), 0.25 * math.log(2)
+    assert predictive_entropy(probs, weights).item() == pytest.approx(total, abs=1e-12)
+    assert expected_entropy(probs, weights).item() == pytest.approx(aleatoric, abs=1e-12)
+    assert mutual_information(probs, weights).item() == pytest.approx(total - aleatoric, abs=1e-12)
+    uniform = torch.full((2,), 0.5, dtype=torch.float64)
+    assert mutual_information(probs, uniform).item() == pytest.approx(mutual_information(probs).item(), abs=1e-12)
+    assert mutual_information(probs, torch.tensor([0.0, 1.0], dtype=torch.float64)).item() == pytest.approx(0, abs=1e-12)
+
+
+def test_posterior_weighted_information_adds_up_to_the_sequence_information():
+    """The chain rule: over two-token responses y drawn from the sequence mixture (1/M) sum_m p_m(y), the expected
+    sum of the per-token information, each token's members weighted by p_m(y_<t) (posterior_weights), is
+    I(member; y) = H(mixture over whole responses) - mean_m H(p_m over whole responses), enumerated here."""
+    torch.manual_seed(3)
+    n_members, vocab = 3, 4
+    first = torch.softmax(2 * torch.randn(n_members, vocab, dtype=torch.float64), -1)             # p_m(y_1)
+    second = torch.softmax(2 * torch.randn(n_members, vocab, vocab, dtype=torch.float64), -1)    # p_m(y_2 | y_1)
+    joint = first.unsqueeze(-1) * second                                                        # (M, V, V): p_m(y)
+    sequence_information = entropy((joint.mean(0)).flatten().tolist()) - sum(
+        entropy(joint[m].flatten().tolist()) for m in range(n_members)) / n_members
+    uniform = torch.full((n_members,), 1 / n_members, dtype=torch.float64)
+    expected = mutual_information(first, uniform).item()                                         # the first token
+    for y1 in range(vocab):
+        mixture_y1 = first[:, y1].mean().item()                                                   # p(y_1)
+        posterior = first[:, y1] / first[:, y1].sum()                                             # w_m after y_1
+        expected += mixture_y1 * mutual_information(second[:, y1], posterior).item()
+    assert expected == pytest.approx(sequence_information, abs=1e-10)
+
+
 # ---------------------------------------------------------------------------
 # Evaluation: AUROC and ECE
 
