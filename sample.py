@@ -151,7 +151,7 @@ def print_answer(answer, thresholds, heading):
     for m, member in enumerate(answer['members']):
         print(f"  member {m}  weight {member['weight']:.2f}  {quoted(member['answer'])}")
     print(f"  ensemble               {quoted(answer['answer'])}")
-    print(f"  epistemic {answer['epistemic']:.3f} nats/token; disagreement {answer['disagreement']:.3f} nats "
+    print(f"  epistemic {answer['epistemic']:.3f} nats; disagreement {answer['disagreement']:.3f} nats "
           f"(contested above {thresholds['contested']:.3f}); confidence {answer['confidence']:.3f} nats/token "
           f"(unfamiliar below {thresholds['unfamiliar']:.3f})")
     print(f"  verdict: {verdict_line(answer, thresholds)}")

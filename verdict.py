@@ -8,7 +8,7 @@ the end of training; verdict applies them. sample.py is the command line.
 """
 import torch
 
-from evaluate import decode_response, device_of, epistemic_per_token, prompt_batches, score_batches
+from evaluate import MIXTURES, decode_response, device_of, epistemic_scores, prompt_batches, score_batches
 from renyi_lora import mutual_information, posterior_weights
 
 # a preference pair's kind (data.mark_contested) names its prompt's kind as an SFT row would
@@ -80,7 +80,7 @@ def answer_batch(model, tokenizer, idx, max_new_tokens, temperature, top_k, gene
 
     An answer ends at the end-of-text token, after max_new_tokens, or at the block size.
       weights (M, B)     posterior_weights of log p_m(ensemble's answer | x): the members that back it
-      epistemic (B,)     mutual information per token along the ensemble's answer, equal member weights
+      epistemic (B,)     u along the ensemble's answer: the sequence mixture's mutual information, summed (evaluate.epistemic_scores)
       confidence (B,)    mean_m of log p_m(member m's own answer | x) per token
     and, per prompt, the distinct member answers (distinct_answers) and their disagreement.
     """
@@ -95,7 +95,7 @@ def answer_batch(model, tokenizer, idx, max_new_tokens, temperature, top_k, gene
     own_logp = answer_logp.diagonal(dim1=0, dim2=1).T          # (M, B): log p_m(member m's answer)
     confidence = (own_logp / member_scores['n_tokens'].view(M, B).clamp(min=1)).mean(0)   # (B,)
     weights = posterior_weights(ensemble_scores['logp'].double())                         # (M, B)
-    epistemic = epistemic_per_token(ensemble_scores)                                      # (B,)
+    epistemic = epistemic_scores(ensemble_scores)[MIXTURES['sequence']]                   # (B,): u, in nats
     text = lambda ids: decode_response(tokenizer, ids[T:], stop)
     answers = []
     for b in range(B):

@@ -89,11 +89,17 @@ def test_score_batches_mixtures_token_by_token_against_a_slow_loop():
     """The sequence mixture weighs members by exp(log-likelihood of the response so far); the token mixture by 1/M.
     Summed over a response, the sequence mixture's log-probabilities give log (1/M) sum_m p_m(y | x)."""
     model = tiny_ensemble(n_members=3, seed=6)
+    with torch.no_grad():            # sharper, more different members, so that the posterior weights matter
+        model.lm_head.weight.mul_(50)
+        for name, p in model.named_parameters():
+            if 'lora_B' in name:
+                p.mul_(10)
     generator = torch.Generator().manual_seed(0)
     idx = torch.randint(0, TINY.vocab_size, (2, 9), generator=generator)
     labels = idx.clone()
     labels[0, :3], labels[1, :5] = -100, -100                                  # prompts of 3 and 5 tokens
     scores = score_batches(model, [(idx, labels)])
+    assert (scores['epistemic_sequence'] - scores['epistemic']).abs().min() > 0.05
     logprobs = model(idx).detach().double().log_softmax(-1)                    # (M, B, T, V)
     expected_sequence, expected_token, expected_information = [], [], []
     entropy = lambda p: -sum(q * math.log(q) for q in p.tolist() if q > 0)

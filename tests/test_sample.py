@@ -117,9 +117,35 @@ def slow_answer_logp(model, prompt_ids, answer_ids):
     return along[:, torch.arange(len(answer_ids)), answer_ids].sum(-1), along.exp()
 
 
+def slow_epistemic(probs, answer_ids):
+    """u along an answer from slow_answer_logp's distributions (M, A, V): per token H(sum_m w_m p_m) -
+    sum_m w_m H(p_m), w_m the members' posterior after the answer so far, summed; and the same with w_m = 1/M."""
+    entropy = lambda p: -(p * p.log()).sum(-1)
+    token_logp = probs[:, torch.arange(len(answer_ids)), answer_ids].log()                   # (M, A)
+    w = torch.softmax(token_logp.cumsum(-1) - token_logp, dim=0)                             # (M, A)
+    weighted = entropy((w.unsqueeze(-1) * probs).sum(0)) - (w * entropy(probs)).sum(0)       # (A,)
+    uniform = entropy(probs.mean(0)) - entropy(probs).mean(0)
+    return weighted.sum().item(), uniform.sum().item()
+
+
 def answer_ids(out, n_prompt, stop):
     ids = out[n_prompt:].tolist()
     return ids[:ids.index(stop) + 1] if stop in ids else ids
+
+
+def test_the_verdicts_epistemic_weighs_members_by_their_posterior():
+    """With members far apart the posterior weights matter, and u along the ensemble's answer follows them."""
+    model, _ = random_ensemble()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    tokenizer = data.get_tokenizer()
+    stop = tokenizer.eot_token
+    for prompt, answer in zip(PROMPTS, answer_prompts(model, tokenizer, PROMPTS, max_new_tokens=5)):
+        prompt_ids = [stop] + tokenizer.encode_ordinary(prompt)
+        ensemble = answer_ids(model.generate(torch.tensor([prompt_ids]), 5, 0, stop_token=stop, mixture='sequence')[0],
+                              len(prompt_ids), stop)
+        weighted, uniform = slow_epistemic(slow_answer_logp(model, prompt_ids, ensemble)[1], ensemble)
+        assert answer["epistemic"] == pytest.approx(weighted, abs=1e-4) and abs(weighted - uniform) > 0.05
 
 
 @pytest.mark.parametrize("eot_bias", [0.2, 0.3])   # some answers stop early; some members give the same answer
@@ -144,10 +170,7 @@ def test_answer_prompts_match_a_slow_loop(eot_bias):
         logp, probs = slow_answer_logp(model, prompt_ids, ensemble)
         weights = [m["weight"] for m in answer["members"]]
         assert weights == pytest.approx(torch.softmax(logp, 0).tolist(), abs=1e-5) and sum(weights) == pytest.approx(1)
-        # epistemic: per token, H(mean_m p_m) - mean_m H(p_m), averaged along the ensemble's answer
-        entropy = lambda p: -(p * p.log()).sum(-1)
-        assert answer["epistemic"] == pytest.approx((entropy(probs.mean(0)) - entropy(probs).mean(0)).mean().item(),
-                                                    abs=1e-5)
+        assert answer["epistemic"] == pytest.approx(slow_epistemic(probs, ensemble)[0], abs=1e-5)
         # confidence: mean over members of the per-token log-likelihood of their own answer
         own = [slow_answer_logp(model, prompt_ids, ids)[0][m].item() / len(ids) for m, ids in enumerate(members)]
         assert answer["confidence"] == pytest.approx(sum(own) / len(own), abs=1e-5)
