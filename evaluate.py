@@ -191,10 +191,10 @@ def epistemic_scores(scores):
 
       sequence mixture ('')   sum over the response of the mutual information between member and next token,
                               each member weighted by how well it explains the response so far (posterior_weights).
-                              Averaged over responses drawn from the ensemble this is I(member; y | x) <= log M
-                              (the chain rule), so it neither grows with length nor fades with it: once the first
-                              tokens have told whose response it is, the members behind it no longer count as
-                              disagreeing with the others
+                              Averaged over responses drawn from the sequence mixture this is I(member; y | x)
+                              <= log M (the chain rule); along one response it can exceed log M. Once the first
+                              tokens have told whose response it is, the other members no longer weigh in, so a
+                              long response does not add up disagreement the way an equal-weight sum does
       token mixture           epistemic_per_token: every member weighted 1/M at every token, averaged over tokens
     """
     return {MIXTURES['sequence']: scores['epistemic_sequence'], MIXTURES['token']: epistemic_per_token(scores)}

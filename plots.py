@@ -40,7 +40,7 @@ def uncertainty_histograms(ax, scores_by_kind):
     top = max((max(v) for v in scores_by_kind.values() if v), default=1.0)
     for kind, values in scores_by_kind.items():       # outlines, scaled per kind: the kinds differ in size
         ax.hist(values, bins=30, range=(0, top), density=True, histtype='step', linewidth=1.5, label=kind)
-    ax.set_xlabel('epistemic uncertainty (I(member; response), nats, sequence mixture)')
+    ax.set_xlabel('epistemic uncertainty u (nats, summed along the response, sequence mixture)')
     ax.set_ylabel('density of prompts')
     ax.legend()
     ax.set_title('uncertainty by task kind')
