@@ -65,7 +65,8 @@ FAMILY = {
     "user_160": USER_CASE,
     "long": USER_CASE | dict(response_words=10),
     "four_groups": USER_CASE | dict(n_groups=4, imbalance=0.25),
-    "imbalanced_80_20": USER_CASE | dict(imbalance=0.8),
+    "imbalanced_80_20": USER_CASE | dict(imbalance=0.8),        # 160 rows: 26 prompts of each task, not 53
+    "imbalanced_80_20_320": USER_CASE | dict(imbalance=0.8, n_rows=320),   # user_160's very prompts, g0's rows x 4
     "rare_conflict_10": USER_CASE | dict(conflict_share=0.1),
     "per_prompt": USER_CASE | dict(convention="per_prompt"),
     "large_2000": USER_CASE | dict(n_rows=2000),

@@ -84,6 +84,19 @@ def test_user_160_by_hand():
             assert row["response"] == " " + answers[question]
 
 
+def test_imbalanced_80_20_320_is_user_160_with_g0_repeated():
+    """The one-knob variant of the 80/20 set: user_160's held-out file and training prompts exactly, g0's record
+    rows four times each (the 160-row 80/20 set trains on fewer prompts instead)."""
+    user, imbalanced = family_set("user_160"), family_set("imbalanced_80_20_320")
+    key = lambda row: (row["prompt"], row["group"], row["response"])
+    assert sorted(user["test"], key=key) == sorted(imbalanced["test"], key=key)
+    assert prompts(user["train"]) == prompts(imbalanced["train"])
+    records = [row for row in imbalanced["train"] if row["task"] == "record"]
+    assert len({row["prompt"] for row in records}) == 53 and len(imbalanced["train"]) == 320
+    assert sum(row["group"] == "g0" for row in records) / len(records) == pytest.approx(0.8, abs=0.01)
+    assert len(prompts(family_set("imbalanced_80_20")["train"])) < len(prompts(user["train"])) // 2 + 1
+
+
 @pytest.mark.parametrize("name", FAMILY)
 def test_held_out_prompts_are_new_and_cover_every_task_and_group(name):
     train, test = family_set(name)["train"], family_set(name)["test"]
