@@ -29,3 +29,9 @@ def tiny_base(tmp_path_factory):
     text_path.write_text(benchmark.pretrain_text(seed=0, n_documents=300), encoding="utf-8")
     pretrain.pretrain(pretrain.defaults | TINY_BASE | dict(data=str(text_path), out_path=str(root / "base.pt")))
     return str(root / "base.pt")
+
+
+@pytest.fixture(scope="session")
+def bench():
+    """The benchmark's splits at seed 0, made once for the whole test session (read-only in every test)."""
+    return benchmark.make_benchmark(seed=0)
