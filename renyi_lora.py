@@ -289,7 +289,8 @@ def mutual_information(probs, weights=None):
 
     probs: (M, ..., V) -> (...). With the sequence mixture's posterior_weights at each token
     it is the information the next token carries about which member is speaking, given the
-    response so far; summed over a response it adds up (chain rule) to I(member; y | x).
+    response so far; summed over a response and averaged over responses drawn from the
+    sequence mixture it is I(member; y | x) <= log M (chain rule; one response can exceed it).
     """
     return (predictive_entropy(probs, weights) - expected_entropy(probs, weights)).clamp_min(0.0)
 
