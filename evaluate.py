@@ -306,18 +306,17 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
                   argmax_specialisation=specialisation(members, groups),
                   routing=routing_matrix(scores['logp'][:, conflicting], alpha, groups,
                                          None if lengths is None else lengths[conflicting]) if groups else None)
-    for suffix in MIXTURES.values():
-        report |= epistemic_aurocs(by_kind[suffix], suffix)
-    report |= answer_aurocs(aleatoric_by_kind, disagreement_by_kind)
-    report |= task_routing(scores['logp'], alpha, test_rows, lengths)
-    report['coherence'] = None
     if ood_rows:
         for suffix, score in epistemic_scores(score_rows(model, tokenizer, ood_rows, batch_size)).items():
             by_kind[suffix]['ood'] = list(per_prompt_mean(score, ood_rows).values())
-    for suffix in MIXTURES.values():            # null without ood rows
+    for suffix in MIXTURES.values():            # each mixture's epistemic AUROCs; the auroc_ood null without ood rows
         ood = by_kind[suffix].get('ood', [])
+        report |= epistemic_aurocs(by_kind[suffix], suffix)
         report[f'auroc_ood{suffix}'] = safe_auroc(ood, list(epistemic[suffix].values()))
         report[f'auroc_ood_vs_consistent{suffix}'] = safe_auroc(ood, by_kind[suffix].get('consistent', []))
+    report |= answer_aurocs(aleatoric_by_kind, disagreement_by_kind)
+    report |= task_routing(scores['logp'], alpha, test_rows, lengths)
+    report['coherence'] = None
     for name, suffix in MIXTURES.items():          # greedy answers of each mixture to the prompts of each kind
         for kind in ('consistent', 'high_entropy', 'conflicting'):
             rows = [row for row in test_rows if row.get('kind', 'consistent') == kind]
