@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import compare
+from baselines import compare
 import data
 import train_sft
 from checkpoint import load_base

@@ -11,9 +11,9 @@ import statistics
 import pytest
 
 import benchmark
-import conflict_sets
+from experiments import conflict_sets
 import data
-from conflict_sets import FAMILY, make_conflict_set
+from experiments.conflict_sets import FAMILY, make_conflict_set
 
 BLOCK_SIZE = 128  # the base's context
 TOLERANCE = 0.03  # |measured - target| for imbalance and conflict_share: whole prompts and rows round the shares

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import data
-import diagnose
+from experiments import diagnose
 import train_sft
 from config import UserError
 from evaluate import score_rows

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import dpo_disagreement
+from experiments import dpo_disagreement
 from config import run_script
 
 # Two members. Contested pairs at margins (log 3, -log 3): p = 3/4 and 1/4, v = 1/16, margin variance (log 3)^2.

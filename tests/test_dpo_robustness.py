@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-import dpo_robustness
+from experiments import dpo_robustness
 
 
 def report(best, worst_consensus, consensus, auroc, starved=()):

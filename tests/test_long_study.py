@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-import long_study
+from experiments import long_study
 from config import run_script
 
 

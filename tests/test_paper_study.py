@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-import paper_study
+from experiments import paper_study
 from config import UserError
 
 

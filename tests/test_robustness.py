@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-import robustness
+from experiments import robustness
 
 
 def report(soft, starved, nll, accuracy, auroc, auroc_answers=None):

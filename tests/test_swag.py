@@ -10,7 +10,7 @@ import torch
 from lora import add_lora
 from model import GPT, GPTConfig
 from trainer import learning_rate
-from swag import SWAG, SWAGCollector, load_members, member_views, sample_members, swag_learning_rate
+from baselines.swag import SWAG, SWAGCollector, load_members, member_views, sample_members, swag_learning_rate
 
 TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
 

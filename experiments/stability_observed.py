@@ -1,8 +1,8 @@
 """
 The stability criterion's prediction against what training does, on the LoRA ensemble (METHOD.md §3).
 
-    python stability_observed.py --sft_dir=out/sft_single      # M members from theta* +- a small spread, fixed alpha
-    python stability_observed.py --onset=true                    # the default ramped SFT run: when does it split?
+    python -m experiments.stability_observed --sft_dir=out/sft_single      # M members from theta* +- a small spread, fixed alpha
+    python -m experiments.stability_observed --onset=true                    # the default ramped SFT run: when does it split?
 
 Fixed alpha: the M = 1 adapter of sft_dir is theta*. For every M and alpha of the grid, M members
 start at theta* plus a small symmetric spread (lora.clone_member on pairs, so the mean stays at

@@ -2,9 +2,9 @@
 The α sweep of RESULTS.md §3.1: train_sft.py for each α, plus a single adapter (M=1),
 then one Markdown table of their reports.
 
-    python sweep_sft.py                                  # α in {0, 0.25, 0.5, 1, 2} and M=1
-    python sweep_sft.py --alpha_ramp_iters=0             # RESULTS.md §3.1's table: no α ramp
-    python sweep_sft.py --alphas=0,1 --max_iters=100     # any train_sft.py key passes through
+    python -m experiments.alpha_sweep                                  # α in {0, 0.25, 0.5, 1, 2} and M=1
+    python -m experiments.alpha_sweep --alpha_ramp_iters=0             # RESULTS.md §3.1's table: no α ramp
+    python -m experiments.alpha_sweep --alphas=0,1 --max_iters=100     # any train_sft.py key passes through
 
 Each run writes its own out_dir (out/sweep/alpha_<α>, out/sweep/single) with
 report.json and plots; the table goes to out/sweep/table.md.

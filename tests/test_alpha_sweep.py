@@ -1,5 +1,5 @@
 """sweep_sft: the run list and the Markdown table of reports."""
-import sweep_sft
+from experiments import alpha_sweep
 from evaluate import markdown_table
 
 
@@ -9,13 +9,13 @@ def report(value, seconds):
 
 
 def test_runs_cover_every_alpha_and_one_single_adapter():
-    runs = list(sweep_sft.runs([0.0, 0.5], 4))
+    runs = list(alpha_sweep.runs([0.0, 0.5], 4))
     assert runs == [('alpha_0', dict(alpha=0.0, n_members=4)), ('alpha_0.5', dict(alpha=0.5, n_members=4)),
                     ('single', dict(alpha=1.0, n_members=1))]
 
 
 def test_table_formats_metrics_nulls_and_seconds():
-    lines = markdown_table([('M=4, α=1', report(0.96181, 66.94))], sweep_sft.COLUMNS).splitlines()
-    assert lines[0] == '| run | ' + ' | '.join(sweep_sft.COLUMNS) + ' |'
+    lines = markdown_table([('M=4, α=1', report(0.96181, 66.94))], alpha_sweep.COLUMNS).splitlines()
+    assert lines[0] == '| run | ' + ' | '.join(alpha_sweep.COLUMNS) + ' |'
     assert lines[1] == '|---' * 9 + '|'
     assert lines[2] == '| M=4, α=1 | – | 0.962 | 0.962 | 0.962 | 0.962 | 0.962 | 0.962 | 66.9 |'

@@ -2,8 +2,8 @@
 Why did a finished train_sft.py run read as it did? Four looks at it, from its checkpoint and
 the files it trained and was tested on:
 
-    python diagnose.py --run=out/sft
-    python diagnose.py --run=out/robustness/imbalanced_80_20/default_seed1 --kind=consistent --top=8
+    python -m experiments.diagnose --run=out/sft
+    python -m experiments.diagnose --run=out/robustness/imbalanced_80_20/default_seed1 --kind=consistent --top=8
 
   sides     within each task, the soft specialisation of the held-out rows that annotator groups
             gave (the parts that per_task_specialisation averages) and each group's mean posterior

@@ -33,8 +33,8 @@ About 22 % of each task's prompts are held out (never trained on), topped up to 
 each task from the world's prompts that no training row uses, where there are enough, so that an
 accuracy on the held-out file moves by at most 0.025 per prompt.
 
-    python conflict_sets.py --name=user_160            # out/conflict_sets/user_160/{train,test}.jsonl
-    python conflict_sets.py --name=all --seed=1        # every set of FAMILY
+    python -m experiments.conflict_sets --name=user_160            # out/conflict_sets/user_160/{train,test}.jsonl
+    python -m experiments.conflict_sets --name=all --seed=1        # every set of FAMILY
     python train_sft.py --data=out/conflict_sets/user_160/train.jsonl --val_data=out/conflict_sets/user_160/test.jsonl
 """
 import itertools

@@ -16,12 +16,12 @@ sets of conflict_sets.FAMILY x seeds x variants, each beside a single adapter
                          responses dilute (shown, not judged), and auroc_answers: the members'
                          disagreement about whole answers
 
-    python robustness.py                                   # every set, seeds 1337, 1, 2, variant 'default'
-    python robustness.py --sets=user_160,long --seeds=1337 --variants=default,ramp,alpha_1
-    python robustness.py --max_iters=200                   # any train_sft.py key applies to every run
-    python robustness.py --train=false                     # the table of the runs that have finished
-    python robustness.py --reevaluate=true                 # finished runs evaluated again (a new held-out file)
-    python robustness.py --help                            # these keys; train_sft.py --help lists the others
+    python -m experiments.robustness                                   # every set, seeds 1337, 1, 2, variant 'default'
+    python -m experiments.robustness --sets=user_160,long --seeds=1337 --variants=default,ramp,alpha_1
+    python -m experiments.robustness --max_iters=200                   # any train_sft.py key applies to every run
+    python -m experiments.robustness --train=false                     # the table of the runs that have finished
+    python -m experiments.robustness --reevaluate=true                 # finished runs evaluated again (a new held-out file)
+    python -m experiments.robustness --help                            # these keys; train_sft.py --help lists the others
 
 A run whose report.json exists is not trained again, so an interrupted study
 continues where it stopped. Writes study_dir/results.json, study_dir/table.md and
@@ -30,7 +30,7 @@ study_dir/over_seeds.md (each set and variant averaged over its seeds).
 import json
 import os
 
-import conflict_sets
+from experiments import conflict_sets
 import data
 import train_sft
 from config import UserError, parse_seeds, parse_study_args, run_script

@@ -14,9 +14,9 @@ read from the runs' reports (RESULTS.md, "The paper's operating point"):
     ambiguity conflict should read as epistemic and many acceptable answers as aleatoric:
               the AUROCs of evaluate.epistemic_aurocs and answer_aurocs, and the scores' means by kind
 
-    python paper_study.py                                  # every variant, seeds 1337, 1, 2; noise 0.2 at 1337
-    python paper_study.py --variants=paper,single --seeds=1337 --noise=0.1,0.2
-    python paper_study.py --train=false                    # the tables of the runs that have finished
+    python -m experiments.paper_study                                  # every variant, seeds 1337, 1, 2; noise 0.2 at 1337
+    python -m experiments.paper_study --variants=paper,single --seeds=1337 --noise=0.1,0.2
+    python -m experiments.paper_study --train=false                    # the tables of the runs that have finished
 
 Runs live in study_dir/<variant>_seed<seed> and study_dir/noise<share>_<variant>_seed<seed>; a
 run whose report.json exists is not trained again, and an older report is evaluated again

@@ -15,9 +15,9 @@ robustness.py's SFT runs of the same set and seed, beside plain DPO from the sin
                  pairs of g's response over h's; the worst such pair (shown, not judged: with two
                  groups it is `sides`, with more it is what the pairwise loss asks, RESULTS.md §9)
 
-    python dpo_robustness.py                                     # the sets with conflict, seed 1337
-    python dpo_robustness.py --sets=user_160 --seeds=1337,1 --alpha=1.0 --prefix=dpo_a1   # any train_dpo.py key
-    python dpo_robustness.py --train=false                       # the table of the runs that have finished
+    python -m experiments.dpo_robustness                                     # the sets with conflict, seed 1337
+    python -m experiments.dpo_robustness --sets=user_160 --seeds=1337,1 --alpha=1.0 --prefix=dpo_a1   # any train_dpo.py key
+    python -m experiments.dpo_robustness --train=false                       # the table of the runs that have finished
 
 The SFT runs are trained first if missing (robustness.run), the DPO runs unless their report.json
 exists. Runs go to study_dir/<set>/<prefix>_<variant>_seed<S>; writes study_dir/<prefix>_table.md.
@@ -27,9 +27,9 @@ import os
 
 import torch
 
-import conflict_sets
+from experiments import conflict_sets
 import data
-import robustness
+from experiments import robustness
 import train_dpo
 import train_sft
 from config import UserError, parse_seeds, parse_study_args, run_script

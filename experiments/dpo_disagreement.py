@@ -6,11 +6,11 @@ mean over contested pairs, over consensus pairs, and the ratio of the two; the s
 variance of the margins beta * h_m(x) themselves (margin_variance_ratio); and the report's
 auroc_contested and each group's best member accuracy.
 
-    python dpo_disagreement.py                               # alpha 0.8, 0, 3 x seeds 1337, 1, 2
-    python dpo_disagreement.py --alphas=3 --seeds=1337 --sft_dirs=out/sft
-    python dpo_disagreement.py --max_iters=100               # any train_dpo.py key applies to every run
-    python dpo_disagreement.py --train=false                 # the table and figure of the runs that have finished
-    python dpo_disagreement.py --help                        # these keys; train_dpo.py --help lists the others
+    python -m experiments.dpo_disagreement                               # alpha 0.8, 0, 3 x seeds 1337, 1, 2
+    python -m experiments.dpo_disagreement --alphas=3 --seeds=1337 --sft_dirs=out/sft
+    python -m experiments.dpo_disagreement --max_iters=100               # any train_dpo.py key applies to every run
+    python -m experiments.dpo_disagreement --train=false                 # the table and figure of the runs that have finished
+    python -m experiments.dpo_disagreement --help                        # these keys; train_dpo.py --help lists the others
 
 The SFT run of seed S is sft_dirs with {seed} replaced by S; the default ones are
 `python train_sft.py --seed=S --out_dir=out/seq/hold_seedS`. The DPO run of (alpha, S) is

@@ -12,11 +12,11 @@ one figure of how sharp the routing gets:
                          (the routing the run trained with), and the members below 1/(4M) of it
     nll                  the held-out NLL per token of the sequence mixture
 
-    python long_study.py                                  # alpha 0.5,0.8,1,2 x length_normalise false,true; M = 4
-    python long_study.py --members=8 --alphas=0.8 --normalise=false
-    python long_study.py --max_iters=100 --eval_interval=10   # any train_sft.py key applies to every run
-    python long_study.py --members=4,8 --train=false      # the table and figure of the runs that have finished
-    python long_study.py --help                           # these keys; train_sft.py --help lists the others
+    python -m experiments.long_study                                  # alpha 0.5,0.8,1,2 x length_normalise false,true; M = 4
+    python -m experiments.long_study --members=8 --alphas=0.8 --normalise=false
+    python -m experiments.long_study --max_iters=100 --eval_interval=10   # any train_sft.py key applies to every run
+    python -m experiments.long_study --members=4,8 --train=false      # the table and figure of the runs that have finished
+    python -m experiments.long_study --help                           # these keys; train_sft.py --help lists the others
 
 A run whose report.json exists is not trained again. Writes study_dir/table.md, results.json and entropy.png.
 """
@@ -26,12 +26,12 @@ import os
 
 import torch
 
-import conflict_sets
+from experiments import conflict_sets
 import plots
 import train_sft
 from config import UserError, parse_args, parse_study_args, run_script
 from renyi_lora import check_alpha
-from robustness import write_set
+from experiments.robustness import write_set
 from routing import starved_members
 
 STUDY = dict(

@@ -2,8 +2,8 @@
 Throughput of the batched ensemble: does an ensemble of M LoRA adapters cost what its
 arithmetic costs? A script, not a test; it prints one table.
 
-    flock /tmp/cpu.lock python bench.py          # the lock keeps other jobs off the cores while timing
-    python bench.py --n_threads=1 --profile=True # one thread; and the top ops of the ensemble step
+    flock /tmp/cpu.lock python -m experiments.throughput          # the lock keeps other jobs off the cores while timing
+    python -m experiments.throughput --n_threads=1 --profile=True # one thread; and the top ops of the ensemble step
 
 Training steps (forward, α-Rényi loss, backward, AdamW), each the median of n_timed
 steps after n_warmup, at the default SFT size (pretrain.py's base, the benchmark's
@@ -17,7 +17,7 @@ sequence mixture and for every member's own continuation), the shared frozen tru
 (adapters on the top half, sharing on vs off) and the MFU of (a): the step's matmul
 FLOPs (counted by torch's FlopCounterMode) per second over a matmul peak measured here.
 
-    OMP_NUM_THREADS=1 python bench.py --preset=gpt2   # GPT-2 small's shape: the memory table below
+    OMP_NUM_THREADS=1 python -m experiments.throughput --preset=gpt2   # GPT-2 small's shape: the memory table below
 
 --memory=true (on with --preset=gpt2) prints instead the step time and peak memory of M = 1, 2, 4,
 8 members on one frozen base against M separate copies of the model (base and one adapter each),
@@ -44,6 +44,8 @@ from config import UserError, parse_args, run_script
 from lora import add_lora, merge_member
 from model import GPT, GPTConfig
 from renyi_lora import renyi_loss, sequence_logprobs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository, where -m finds this module
 
 defaults = dict(
     # the size of pretrain.py's base, with random weights: speed does not depend on their values
@@ -258,8 +260,9 @@ def memory_table(config):
     runs = {}
     for n_members in [int(m) for m in config['memory_members'].split(',')]:
         for kind in ('ensemble', 'copies'):
-            result = subprocess.run([sys.executable, os.path.abspath(__file__), *args,
-                                     f"--memory_run={kind}:{n_members}"], capture_output=True, text=True, check=True)
+            result = subprocess.run([sys.executable, '-m', 'experiments.throughput', *args,  # from the repository root
+                                     f"--memory_run={kind}:{n_members}"], capture_output=True, text=True, check=True,
+                                    cwd=ROOT)
             runs[kind, n_members] = json.loads(result.stdout.splitlines()[-1])
     members = sorted({m for _, m in runs})
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: {config['n_layer']} layers, n_embd "

@@ -1,9 +1,9 @@
 """
 The methods of the three source papers side by side: one benchmark split, one step budget, one seed.
 
-    python compare.py                        # -> out/compare/table.md, reliability.png, uncertainty.png
-    python compare.py --max_iters=100        # any train_sft.py key applies to every method
-    python compare.py --methods=map          # some of the methods only (here MAP LoRA, and SWAG from it)
+    python -m baselines.compare                        # -> out/compare/table.md, reliability.png, uncertainty.png
+    python -m baselines.compare --max_iters=100        # any train_sft.py key applies to every method
+    python -m baselines.compare --methods=map          # some of the methods only (here MAP LoRA, and SWAG from it)
 
 Seven training runs make the nine rows; SWAG and MultiSWAG are read off other runs' iterates.
 Every run takes train_sft.py's defaults, including the α ramp (alpha_ramp_iters):
@@ -32,7 +32,7 @@ from checkpoint import load_base
 from config import UserError, parse_args, run_script
 from evaluate import calibration, markdown_table, sft_report
 from lora import add_lora
-from swag import SWAGCollector, sample_members, swag_learning_rate
+from baselines.swag import SWAGCollector, sample_members, swag_learning_rate
 from verdict import answers_by_kind
 
 defaults = train_sft.defaults | dict(
