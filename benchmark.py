@@ -20,20 +20,19 @@ log(MAX_ANSWERS), i.e. the normalised entropy of the distribution it was drawn
 from (0 for consistent tasks), a stand-in for the UAL paper's estimate from a
 stronger model.
 
-    python benchmark.py                              # the splits as JSONL, and pretrain.txt, in out/data/
-    python benchmark.py --train_tokenizer=true       # also retrain the shipped ranks file renyi_bpe.tiktoken
-    python benchmark.py --corrupt=0.2                # 20 % of the consistent training responses made wrong
+    python benchmark.py                              # the splits as JSONL, in out/data/
+    python benchmark.py --corrupt=0.2 --out_dir=out/data_noise0.2   # 20 % of the consistent training responses wrong
 """
 
 import functools
 import itertools
+import json
 import math
 import os
 import random
 import re
 from dataclasses import dataclass
 
-import data
 from config import UserError, parse_args, run_script
 
 # -----------------------------------------------------------------------------
@@ -369,77 +368,11 @@ def make_benchmark(seed=0, consensus_rejected="parrot", corrupt=0.0):
     return splits
 
 
-def fact_sentences():
-    """Every fact of the world as a few sentences, the raw material of the pretraining text.
-
-    Plain statements (some with commas), question-answer lines and "Key: Value."
-    records, so the base model has seen facts asked about and written in several
-    styles, but never the benchmark's own questions.
-    """
-    sentences = []
-    for country, capital, continent in COUNTRIES:
-        sentences += [f"The capital of {country} is {capital}.", f"{capital} is the capital of {country}.",
-                      f"{country} is a country in {continent}.", f"{capital} is a city in {continent}.",
-                      f"Q: Which city is the capital of {country}?\nA: {capital}.",
-                      f"Q: Where is {country}?\nA: {country} is in {continent}.",
-                      f"Country: {country}. Capital: {capital}. Continent: {continent}.",
-                      f"In {continent}, the capital of {country} is {capital}.", f"{country}, {capital}, {continent}."]
-    for animal, sound, legs in ANIMALS:
-        sentences += [f"{upper_first(article(animal))} says {sound}.", f"The {animal} goes {sound}.",
-                      f"{upper_first(article(animal))} has {legs} legs.",
-                      f"{upper_first(article(animal))} has {NUMBER_WORDS[legs]} legs.",
-                      f"Q: What does {article(animal)} say?\nA: It says {sound}.",
-                      f"Animal: {animal.title()}. Sound: {sound.title()}. Legs: {legs}.",
-                      f"The {animal} says {sound}, and it has {NUMBER_WORDS[legs]} legs."]
-    for a, b in itertools.product(range(10), repeat=2):
-        sentences += [f"{a} plus {b} is {a + b}.", f"{a} plus {b} equals {a + b}.",
-                      f"{upper_first(NUMBER_WORDS[a])} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}.",
-                      f"Q: How much is {a} plus {b}?\nA: {a + b}.",
-                      f"Take {NUMBER_WORDS[a]}, add {NUMBER_WORDS[b]}, and you get {NUMBER_WORDS[a + b]}.",
-                      f"Numbers: {a} and {b}. Sum: {a + b}."]
-    for n, word in enumerate(NUMBER_WORDS):
-        sentences += [f"{n} is written {word}.", f"{n} is an {parity(n)} number.",
-                      f"Number: {n}. Word: {word.title()}. Parity: {parity(n).title()}.",
-                      f"{upper_first(word)} is an {parity(n)} number."]
-    for word, opposite in OPPOSITES:
-        sentences += [f"The opposite of {word} is {opposite}.", f"The opposite of {opposite} is {word}.",
-                      f"{upper_first(word)} and {opposite} are opposites."]
-    for category, members in CATEGORIES.items():
-        for member in members:
-            sentences += [f"{upper_first(article(member))} is {article(category)}." if category in ("fruit",
-                          "vegetable", "animal") else f"{upper_first(member)} is {article(category)}.",
-                          f"{upper_first(member)} starts with the letter {member[0].lower()}."]
-    for family in RHYMES:
-        for word, other in itertools.permutations(family, 2):
-            sentences.append(f"{upper_first(word)} rhymes with {other}.")
-    for day, next_day in zip(DAYS, DAYS[1:] + DAYS[:1]):
-        sentences += [f"{next_day} comes after {day}.", f"After {day} comes {next_day}.",
-                      f"{day} is a day of the week.", f"First {day}, then {next_day}."]
-    return sentences
-
-
-def pretrain_text(seed=0, n_documents=20_000):
-    """The base model's training text: documents of 3 to 10 random world facts, separated by <|endoftext|>.
-
-    A tenth of the sentences are lowercased with a "!" ending, so the casual
-    persona's words are familiar to the base model too.
-    """
-    rng = random.Random(seed)
-    sentences = fact_sentences()
-    documents = []
-    for _ in range(n_documents):
-        chosen = rng.choices(sentences, k=rng.randint(3, 10))
-        chosen = [s.lower()[:-1] + "!" if rng.random() < 0.1 and s.endswith(".") else s for s in chosen]
-        documents.append("\n".join(chosen))
-    return data.EOT.join(documents)
-
-
 # -----------------------------------------------------------------------------
 
 DEFAULTS = dict(
-    seed=0,                 # the benchmark's splits and the pretraining text are deterministic in it
-    out_dir="out/data",     # where the JSONL splits and pretrain.txt go
-    train_tokenizer=False,  # retrain the shipped ranks file renyi_bpe.tiktoken from pretrain_text(seed=0)
+    seed=0,                 # the benchmark's splits are deterministic in it
+    out_dir="out/data",     # where the JSONL splits go
     consensus_rejected="parrot",  # consensus pairs' rejected answer: "parrot" or "wrong_answer" (preference_rows)
     corrupt=0.0,            # share of consistent training responses replaced by wrong ones (corrupt_responses)
 )
@@ -447,15 +380,14 @@ DEFAULTS = dict(
 
 def main(argv):
     config = parse_args(DEFAULTS, argv)
-    if config["train_tokenizer"]:
-        data.save_ranks(data.train_bpe(pretrain_text(seed=0)), data.RANKS_PATH)
-        print(f"wrote {data.RANKS_PATH}")
-    for name, rows in make_benchmark(config["seed"], config["consensus_rejected"], config["corrupt"]).items():
-        data.write_jsonl(rows, os.path.join(config["out_dir"], f"{name}.jsonl"))
+    splits = make_benchmark(config["seed"], config["consensus_rejected"], config["corrupt"])   # checks corrupt
+    os.makedirs(config["out_dir"], exist_ok=True)
+    for name, rows in splits.items():
+        with open(os.path.join(config["out_dir"], f"{name}.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         print(f"{name}: {len(rows)} rows")
-    with open(os.path.join(config["out_dir"], "pretrain.txt"), "w", encoding="utf-8") as f:
-        f.write(pretrain_text(config["seed"]))
-    print(f"wrote {config['out_dir']}/")
+    print(f"wrote {config['out_dir']}/; train on them with python train_sft.py --data={config['out_dir']}/sft_train.jsonl "
+          f"--val_data={config['out_dir']}/sft_test.jsonl --ood_data={config['out_dir']}/ood.jsonl")
 
 
 if __name__ == "__main__":

@@ -78,25 +78,6 @@ def parse_args(defaults, argv=None):
     return config
 
 
-def parse_study_args(study_defaults, run_defaults, argv):
-    """A study script's command line: (study, run config). Its own keys (study_defaults) and any key
-    of the script it runs (run_defaults) mix freely, each as --key=value; --help prints the study's
-    docstring and keys, and exits.
-    """
-    if '--help' in argv or '-h' in argv:
-        parse_args(study_defaults, ['--help'])
-    study_keys = [arg for arg in argv if arg.split('=')[0][2:] in study_defaults]
-    return parse_args(study_defaults, study_keys), parse_args(run_defaults, [a for a in argv if a not in study_keys])
-
-
-def parse_seeds(text, key='seeds'):
-    """'1337,1,2' -> [1337, 1, 2]; a UserError naming --key for anything but comma-separated whole numbers."""
-    try:
-        return [int(seed) for seed in text.split(',')]
-    except ValueError as error:
-        raise UserError(f"--{key}: comma-separated whole numbers expected ({error})") from None
-
-
 def print_help(defaults):
     """The docstring of the module that defines the dict `defaults`, then that dict's source lines, comments and all."""
     modules = [module for module in (sys.modules['__main__'], *list(sys.modules.values()))

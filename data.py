@@ -9,12 +9,11 @@ import functools
 import json
 import os
 import random
-import re
-from collections import Counter
 
 import tiktoken
 import torch
 
+import benchmark
 from config import UserError
 
 # -----------------------------------------------------------------------------
@@ -26,56 +25,12 @@ VOCAB_SIZE = 1024  # 256 bytes + 767 merges + <|endoftext|>: small enough for a 
 EOT = "<|endoftext|>"
 # Pre-tokenisation, GPT-2 style: merges never cross these pieces. Digits stay
 # single so that arithmetic sees one token per digit. Written so that Python's
-# re (training) and tiktoken's regex engine (encoding) split text identically.
+# re (pretrain.train_bpe) and tiktoken's regex engine (encoding) split text identically.
 PATTERN = r"""'(?:s|t|re|ve|m|ll|d)| ?[^\W\d_]+| ?\d| ?[^\s\w]+|_+|\s+(?!\S)|\s+"""
 
 
-def merge(word, left, right):
-    """Replace every adjacent (left, right) in the list of byte strings `word` by left + right."""
-    merged, i = [], 0
-    while i < len(word):
-        if i + 1 < len(word) and word[i] == left and word[i + 1] == right:
-            merged.append(left + right)
-            i += 2
-        else:
-            merged.append(word[i])
-            i += 1
-    return merged
-
-
-def train_bpe(text, vocab_size=VOCAB_SIZE):
-    """Learn byte-level BPE ranks {token bytes: rank} from `text` by counting.
-
-    Start from the 256 single bytes; repeatedly merge the most frequent adjacent
-    pair (counted over distinct pieces, weighted by how often each occurs) until
-    there are vocab_size - 1 tokens, leaving the last id for <|endoftext|>.
-    """
-    piece_counts = Counter(re.findall(PATTERN, text))
-    pieces = [[bytes([b]) for b in piece.encode("utf-8")] for piece in piece_counts]
-    counts = list(piece_counts.values())
-    ranks = {bytes([b]): b for b in range(256)}
-    while len(ranks) < vocab_size - 1:
-        pairs = Counter()
-        for piece, count in zip(pieces, counts):
-            for pair in zip(piece, piece[1:]):
-                pairs[pair] += count
-        if not pairs:
-            break
-        left, right = max(pairs, key=pairs.get)  # ties: first seen, so deterministic
-        ranks.setdefault(left + right, len(ranks))
-        pieces = [merge(piece, left, right) for piece in pieces]
-    return ranks
-
-
-def save_ranks(ranks, path):
-    """Write ranks in tiktoken's file format: one `base64(token) rank` per line."""
-    with open(path, "w") as f:
-        for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
-
-
 def load_ranks(path):
-    """Read a file written by save_ranks back into {token bytes: rank}."""
+    """Read a ranks file (pretrain.save_ranks's format, tiktoken's) back into {token bytes: rank}."""
     with open(path) as f:
         return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
 
@@ -97,7 +52,10 @@ def get_tokenizer(name=DEFAULT_TOKENIZER):
 
 
 # -----------------------------------------------------------------------------
-# JSONL: writing the benchmark, loading and validating a user's own data
+# JSONL: loading and checking a user's own data, or the benchmark's
+
+SFT_KINDS = ("consistent", "conflicting", "high_entropy", "ood")   # the benchmark's kinds of prompt
+PAIR_KINDS = ("contested", "consensus")
 
 def write_jsonl(rows, path):
     """Write a list of dicts as one JSON object per line (UTF-8). The file appears whole or not at all
@@ -163,12 +121,21 @@ def check_uncertainty(obj, where):
     return float(value)
 
 
-def load_sft_jsonl(path):
-    """Load SFT rows {"prompt", "response" (or "completion")} with optional "task", "group", "uncertainty".
+def check_choice(obj, key, where, choices):
+    """obj[key] must be absent/null or one of `choices`; returns it or None."""
+    value = obj.get(key)
+    if value is not None and value not in choices:
+        raise UserError(f"{where}: field {key!r} is {value!r}, expected one of {', '.join(map(repr, choices))}")
+    return value
 
-    Returns dicts with keys prompt, response, task, group, uncertainty (None when
-    absent) and source ("FILE:LINE", used by later error messages). Raises
-    UserError "FILE:LINE: ..." on the first bad row.
+
+def load_sft_jsonl(path):
+    """Load SFT rows {"prompt", "response" (or "completion")} with optional "task", "group", "uncertainty",
+    "kind" and "corrupted" (the last two as `python benchmark.py` writes them).
+
+    Returns dicts with keys prompt, response, task, group, uncertainty, kind (None when
+    absent), corrupted (False when absent) and source ("FILE:LINE", used by later error
+    messages). Raises UserError "FILE:LINE: ..." on the first bad row.
     """
     rows = []
     for where, obj in read_jsonl(path):
@@ -177,21 +144,23 @@ def load_sft_jsonl(path):
         rows.append(dict(prompt=check_text(obj, "prompt", where, True),
                          response=check_text(obj, "response", where, True),
                          task=check_text(obj, "task", where, False), group=check_text(obj, "group", where, False),
-                         uncertainty=check_uncertainty(obj, where), source=where))
+                         uncertainty=check_uncertainty(obj, where), kind=check_choice(obj, "kind", where, SFT_KINDS),
+                         corrupted=bool(check_choice(obj, "corrupted", where, (True, False))), source=where))
     return rows
 
 
 def load_pref_jsonl(path):
-    """Load preference rows {"prompt", "chosen", "rejected"} with optional "task", "group".
+    """Load preference rows {"prompt", "chosen", "rejected"} with optional "task", "group", "kind".
 
-    Returns dicts with keys prompt, chosen, rejected, task, group (None when
+    Returns dicts with keys prompt, chosen, rejected, task, group, kind (None when
     absent) and source; raises UserError "FILE:LINE: ..." on the first bad row.
     """
     rows = []
     for where, obj in read_jsonl(path):
         row = dict(prompt=check_text(obj, "prompt", where, True), chosen=check_text(obj, "chosen", where, True),
                    rejected=check_text(obj, "rejected", where, True), task=check_text(obj, "task", where, False),
-                   group=check_text(obj, "group", where, False), source=where)
+                   group=check_text(obj, "group", where, False), kind=check_choice(obj, "kind", where, PAIR_KINDS),
+                   source=where)
         if row["chosen"] == row["rejected"]:
             raise UserError(f"{where}: 'chosen' and 'rejected' are identical")
         rows.append(row)
@@ -210,23 +179,25 @@ def split_by_prompt(rows, fraction, seed):
 
 
 def mark_conflicts(rows):
-    """Set each row's "kind" from the data alone: "conflicting" when its prompt occurs with more than
-    one distinct response across `rows`, else "consistent". Modifies the rows in place and returns them."""
+    """Set the "kind" of each row that has none from the data alone: "conflicting" when its prompt occurs
+    with more than one distinct response across `rows`, else "consistent". In place; returns rows."""
     responses = {}
     for row in rows:
         responses.setdefault(row["prompt"], set()).add(row["response"].strip())
     for row in rows:
-        row["kind"] = "conflicting" if len(responses[row["prompt"]]) > 1 else "consistent"
+        if row.get("kind") is None:
+            row["kind"] = "conflicting" if len(responses[row["prompt"]]) > 1 else "consistent"
     return rows
 
 
 def mark_contested(rows):
-    """Set each pair's "kind" from the data alone: "contested" when the same prompt also occurs with
-    chosen and rejected swapped (annotators disagree), else "consensus". In place; returns rows."""
+    """Set the "kind" of each pair that has none from the data alone: "contested" when the same prompt also
+    occurs with chosen and rejected swapped (annotators disagree), else "consensus". In place; returns rows."""
     pairs = {(row["prompt"], row["chosen"].strip(), row["rejected"].strip()) for row in rows}
     for row in rows:
         swapped = (row["prompt"], row["rejected"].strip(), row["chosen"].strip())
-        row["kind"] = "contested" if swapped in pairs else "consensus"
+        if row.get("kind") is None:
+            row["kind"] = "contested" if swapped in pairs else "consensus"
     return rows
 
 
@@ -245,38 +216,37 @@ def train_and_held_out(path, val_path, val_fraction, seed, load_jsonl, mark_kind
     return train_rows, held_out
 
 
-def load_sft_rows(path, val_path="", ood_path="", val_fraction=0.1, seed=0, corrupt=0.0):
+def load_sft_rows(path, val_path="", ood_path="", val_fraction=0.1, seed=0):
     """Train, validation, test and OOD SFT rows (dicts with prompt, response, kind, group, ...).
 
-    path '' is the benchmark's splits, a share `corrupt` of its consistent training responses
-    made wrong (benchmark.corrupt_responses; with path, corrupt must be 0). Otherwise the rows
-    of path; held out are val_path's rows, or without it a seeded share val_fraction of path's
-    prompts (validation and test are then the same rows). Each row's kind is read from the data
-    (mark_conflicts).
+    path '' is the benchmark's splits. Otherwise the rows of path; held out are val_path's rows,
+    or without it a seeded share val_fraction of path's prompts (validation and test are then the
+    same rows). A row without a kind gets one from the data (mark_conflicts).
     """
     if not path and (val_path or ood_path):
         raise UserError(f"--{'val_data' if val_path else 'ood_data'} needs --data: the benchmark brings its own")
-    if path and corrupt:
-        raise UserError("--corrupt adds label noise to the built-in benchmark only: drop --data, or corrupt "
-                        "your file yourself (benchmark.corrupt_responses)")
     if not path:
-        import benchmark  # here, not at the top: benchmark.py builds on this module
-        splits = benchmark.make_benchmark(seed=0, corrupt=corrupt)
+        splits = benchmark.make_benchmark(seed=0)
         return splits["sft_train"], splits["sft_val"], splits["sft_test"], splits["ood"]
     train_rows, held_out = train_and_held_out(path, val_path, val_fraction, seed, load_sft_jsonl, mark_conflicts)
     ood_rows = load_sft_jsonl(ood_path) if ood_path else []
     return train_rows, held_out, held_out, ood_rows
 
 
+def sft_rows_of(run_config):
+    """The train, validation, test and OOD rows of a train_sft.py run, read again from its stored config."""
+    return load_sft_rows(run_config['data'], run_config['val_data'], run_config.get('ood_data', ''),
+                         run_config.get('val_fraction', 0.1), run_config['seed'])
+
+
 def load_pref_rows(path, val_path="", val_fraction=0.1, seed=0):
     """Train, validation and test preference rows (dicts with prompt, chosen, rejected, group, kind, ...).
 
-    As load_sft_rows: path '' is the benchmark's pairs; each pair's kind is read from the data (mark_contested).
+    As load_sft_rows: path '' is the benchmark's pairs; a pair without a kind gets one from the data (mark_contested).
     """
     if not path and val_path:
         raise UserError("--val_data needs --data: the benchmark brings its own")
     if not path:
-        import benchmark  # here, not at the top: benchmark.py builds on this module
         splits = benchmark.make_benchmark(seed=0)
         return splits["dpo_train"], splits["dpo_val"], splits["dpo_test"]
     train_rows, held_out = train_and_held_out(path, val_path, val_fraction, seed, load_pref_jsonl, mark_contested)

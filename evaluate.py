@@ -1,19 +1,20 @@
 """
-Evaluating an ensemble of adapters: teacher-forced scores, decoding, and the SFT
-report (METHOD.md §6); routing.py holds the measures of who explains what, evaluate_dpo.py the
-DPO report.
+How an ensemble answers and how sure it is (METHOD.md §6): teacher-forced scores of held-out
+responses under every member and under the two mixtures, greedy and sampled decoding, accuracy,
+coherence, calibration, the epistemic scores, and every member's own answer to a prompt.
 
-Shared by train_sft.py, train_dpo.py and compare.py. Everything here takes a model
-whose logits carry a member axis, (M, B, T, V) (a single adapter is M = 1), and
-explicit arguments; it returns numbers and tensors and draws nothing (plots.py does).
+Everything here takes a model whose logits carry a member axis, (M, B, T, V) (a single adapter
+is M = 1), and explicit arguments; it returns numbers and tensors. report.py assembles the SFT
+report from them, sample.py the verdict.
 """
+import math
+
 import torch
 
 import benchmark
 import data
-from renyi_lora import (auroc, ece, expected_entropy, mixture_next_token_logprobs, mutual_information, posterior_weights,
+from renyi_lora import (expected_entropy, mixture_next_token_logprobs, mutual_information, posterior_weights,
                         predictive_entropy)
-from routing import routing_matrix, soft_specialisation, specialisation, specialisation_within, task_routing
 
 
 def device_of(model):
@@ -33,8 +34,8 @@ def score_batches(model, batches):
     Returns a dict of tensors over the N examples:
       logp (M, N)        summed log-likelihood of each response under each member
       n_tokens (N,)      response tokens (labels != -100, after the shift)
-      epistemic (N,)     sum over response tokens of the members' mutual information (equal weights)
-      epistemic_sequence (N,)  the same sum with the sequence mixture's posterior weights at each token
+      epistemic_token (N,)  sum over response tokens of the members' mutual information, equal weights
+      epistemic (N,)     the same sum with the sequence mixture's posterior weights at each token: u
       total, aleatoric (N,)  the same sums for H(p_bar) and mean_m H(p_m)
     and, over all K response tokens, for each mixture of MIXTURES (keys suffixed by its suffix):
       token_confidence, token_correct, token_true_prob  (K,)
@@ -49,12 +50,12 @@ def score_batches(model, batches):
         targets = labels[:, 1:]                                # (B, T-1)
         mask = targets != -100
         token_logp = logprobs.gather(-1, targets.clamp(min=0).expand(logprobs.shape[:-1]).unsqueeze(-1)).squeeze(-1)
-        token_logp = token_logp * mask                         # (M, B, T-1), 0 off the response
+        token_logp = torch.where(mask, token_logp, 0.0)        # (M, B, T-1), 0 off the response
         prefix_logp = token_logp.cumsum(-1) - token_logp       # (M, B, T-1): log p_m(y_<t | x)
         posterior = posterior_weights(prefix_logp)             # (M, B, T-1): the sequence mixture's weights
         part = dict(logp=token_logp.sum(-1), n_tokens=mask.sum(-1),
-                    epistemic=(mutual_information(probs) * mask).sum(-1),
-                    epistemic_sequence=(mutual_information(probs, posterior) * mask).sum(-1),
+                    epistemic_token=(mutual_information(probs) * mask).sum(-1),
+                    epistemic=(mutual_information(probs, posterior) * mask).sum(-1),
                     total=(predictive_entropy(probs) * mask).sum(-1),
                     aleatoric=(expected_entropy(probs) * mask).sum(-1))
         for name, suffix in MIXTURES.items():
@@ -65,32 +66,6 @@ def score_batches(model, batches):
                      f'token_true_prob{suffix}': mixture.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask]}
         parts.append(part)
     return {key: torch.cat([p[key] for p in parts], dim=-1).cpu() for key in parts[0]}
-
-
-def greedy_decode(model, prompt, max_new_tokens, stop_token, mixture='sequence'):
-    """Greedy decoding of one of the ensemble's mixtures (MIXTURES): (B, T) prompts of equal length -> (B, T + new)."""
-    return model.generate(prompt, max_new_tokens, temperature=0, stop_token=stop_token,
-                          mixture=mixture if model.n_members else None)
-
-
-def safe_auroc(pos_scores, neg_scores):
-    """auroc, or None when either side is empty (a metric the data cannot support)."""
-    if len(pos_scores) == 0 or len(neg_scores) == 0:
-        return None
-    return auroc(pos_scores, neg_scores)
-
-
-def calibration(scores, suffix='', n_bins=10):
-    """Token-level calibration of a mixture (suffix: MIXTURES' key suffix): NLL, ECE and Brier.
-
-    ECE uses n_bins equal-width bins; Brier here is the binary one on the top-1 prediction:
-    mean (confidence - correct)^2. For the sequence mixture the per-token NLL summed over a
-    response is exactly -log (1/M) sum_m p_m(y | x), the quantity the objective trains.
-    """
-    confidence, correct = scores[f'token_confidence{suffix}'], scores[f'token_correct{suffix}'].double()
-    return {f'nll{suffix}': -scores[f'token_true_prob{suffix}'].clamp_min(1e-30).log().mean().item(),
-            f'ece{suffix}': ece(confidence, correct, n_bins),
-            f'brier{suffix}': ((confidence.double() - correct) ** 2).mean().item()}
 
 
 def held_out_batches(model, tokenizer, rows, batch_size):
@@ -121,6 +96,12 @@ def decode_response(tokenizer, ids, stop_token):
     """Text of generated ids up to (not including) the first stop token."""
     ids = list(ids)
     return tokenizer.decode(ids[:ids.index(stop_token)] if stop_token in ids else ids)
+
+
+def greedy_decode(model, prompt, max_new_tokens, stop_token, mixture='sequence'):
+    """Greedy decoding of one of the ensemble's mixtures (MIXTURES): (B, T) prompts of equal length -> (B, T + new)."""
+    return model.generate(prompt, max_new_tokens, temperature=0, stop_token=stop_token,
+                          mixture=mixture if model.n_members else None)
 
 
 def greedy_answers(model, tokenizer, rows, max_new_tokens, mixture='sequence'):
@@ -183,7 +164,7 @@ def epistemic_per_token(scores):
     Dividing the summed mutual information by the length keeps long responses
     (the two-field cards) from looking uncertain merely for being long.
     """
-    return scores['epistemic'] / scores['n_tokens'].clamp(min=1)
+    return scores['epistemic_token'] / scores['n_tokens'].clamp(min=1)
 
 
 def epistemic_scores(scores):
@@ -197,155 +178,197 @@ def epistemic_scores(scores):
                               long response does not add up disagreement the way an equal-weight sum does
       token mixture           epistemic_per_token: every member weighted 1/M at every token, averaged over tokens
     """
-    return {MIXTURES['sequence']: scores['epistemic_sequence'], MIXTURES['token']: epistemic_per_token(scores)}
+    return {MIXTURES['sequence']: scores['epistemic'], MIXTURES['token']: epistemic_per_token(scores)}
 
 
-def rescaled_epistemic(model, tokenizer, rows, batch_size):
-    """epistemic_per_token of every row under the ensemble, min-max rescaled to [0, 1], (N,): UAL's u_i."""
-    score = epistemic_per_token(score_rows(model, tokenizer, rows, batch_size))
-    return (score - score.min()) / (score.max() - score.min()).clamp_min(1e-12)
+def auroc(pos_scores, neg_scores):
+    """Area under the ROC curve by the rank (Mann-Whitney) formula, ties counted half.
 
+        AUROC = P(s_pos > s_neg) + 0.5 * P(s_pos == s_neg)
 
-def per_prompt_mean(scores, rows):
-    """Average a per-row score over rows that share a prompt: {prompt: mean score}."""
-    sums = {}
-    for score, row in zip(scores.tolist(), rows):
-        total, count = sums.get(row['prompt'], (0.0, 0))
-        sums[row['prompt']] = (total + score, count + 1)
-    return {prompt: total / count for prompt, (total, count) in sums.items()}
-
-
-def by_kind_of(score_of_prompt, kind_of):
-    """Per-prompt scores {prompt: score} grouped by the prompts' kinds: {kind: [score, ...]}, kinds sorted."""
-    return {kind: [score for prompt, score in score_of_prompt.items() if kind_of[prompt] == kind]
-            for kind in sorted(set(kind_of.values()))}
-
-
-def epistemic_aurocs(epistemic, suffix=''):
-    """The AUROCs of an epistemic score {kind: [per-prompt score]} (METHOD.md §6), keys suffixed by its mixture's suffix:
-
-      auroc_conflict               conflicting above consistent
-      auroc_conflict_vs_ambiguous  conflicting above high-entropy
-    Conflict should read as epistemic, ambiguity (many acceptable answers) should not. Null where a kind is missing.
+    pos_scores: (P,), neg_scores: (N,) -> float in [0, 1]; 1 means every positive
+    (e.g. conflicting prompt) scores above every negative.
     """
-    pair = lambda high, low: safe_auroc(epistemic.get(high, []), epistemic.get(low, []))
-    return {f'auroc_conflict{suffix}': pair('conflicting', 'consistent'),
-            f'auroc_conflict_vs_ambiguous{suffix}': pair('conflicting', 'high_entropy')}
+    pos = torch.as_tensor(pos_scores, dtype=torch.float64).reshape(-1, 1)
+    neg = torch.as_tensor(neg_scores, dtype=torch.float64).reshape(1, -1)
+    if pos.numel() == 0 or neg.numel() == 0:
+        raise ValueError("auroc needs at least one positive and one negative score")
+    return ((pos > neg).double().mean() + 0.5 * (pos == neg).double().mean()).item()
 
 
-def answer_aurocs(aleatoric, disagreement):
-    """The AUROCs of the other scores, each a {kind: [per-prompt score]} (METHOD.md §6):
+def safe_auroc(pos_scores, neg_scores):
+    """auroc, or None when either side is empty (a metric the data cannot support)."""
+    if len(pos_scores) == 0 or len(neg_scores) == 0:
+        return None
+    return auroc(pos_scores, neg_scores)
 
-      auroc_conflict_answers               disagreement about whole answers: conflicting above consistent
-      auroc_conflict_vs_ambiguous_answers  disagreement: conflicting above high-entropy
-      auroc_ambiguous_aleatoric            aleatoric per token: high-entropy above conflicting
+
+def ece(confidence, correct, n_bins=10):
+    """Expected calibration error with n_bins equal-width confidence bins.
+
+        ECE = sum_b (|b| / n) * |accuracy(b) - mean confidence(b)|
+
+    confidence: (n,) in [0, 1]; correct: (n,) booleans -> float. A confidence of
+    exactly 1 falls in the last bin.
     """
-    pair = lambda scores, high, low: safe_auroc(scores.get(high, []), scores.get(low, []))
-    return dict(auroc_conflict_answers=pair(disagreement, 'conflicting', 'consistent'),
-                auroc_conflict_vs_ambiguous_answers=pair(disagreement, 'conflicting', 'high_entropy'),
-                auroc_ambiguous_aleatoric=pair(aleatoric, 'high_entropy', 'conflicting'))
+    confidence = torch.as_tensor(confidence, dtype=torch.float64)
+    correct = torch.as_tensor(correct, dtype=torch.float64)
+    bins = (confidence * n_bins).long().clamp(max=n_bins - 1)  # (n,)
+    total = 0.0
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            total += in_bin.double().mean() * (correct[in_bin].mean() - confidence[in_bin].mean()).abs()
+    return float(total)
 
 
-def answer_readouts(answers, rows):
-    """What the members' own greedy answers tell, from verdict.answers_by_kind's {kind: [answer]} on rows:
+def calibration(scores, suffix='', n_bins=10):
+    """Token-level calibration of a mixture (suffix: MIXTURES' key suffix): NLL, ECE and Brier.
 
-      disagreement         {prompt: mutual information between member and whole answer} (verdict.disagreement)
-      member_accuracy      [share of consistent prompts member m answers acceptably], one per member
-      greedy_correct       {prompt: 1 or 0}: is the ensemble's answer (sequence mixture) acceptable
+    ECE uses n_bins equal-width bins; Brier here is the binary one on the top-1 prediction:
+    mean (confidence - correct)^2. For the sequence mixture the per-token NLL summed over a
+    response is exactly -log (1/M) sum_m p_m(y | x), the quantity the objective trains.
     """
-    rows_of = {}
-    for row in rows:
-        rows_of.setdefault(row['prompt'], []).append(row)
-    correct = lambda prompt, text: int(any(benchmark.is_correct(row, text) for row in rows_of[prompt]))
-    every = [answer for kind_answers in answers.values() for answer in kind_answers]
-    consistent = answers.get('consistent', [])
-    member_accuracy = [sum(correct(a['prompt'], a['members'][m]['answer']) for a in consistent) / len(consistent)
-                       for m in range(len(consistent[0]['members']))] if consistent else None
-    return dict(disagreement={a['prompt']: a['disagreement'] for a in every}, member_accuracy=member_accuracy,
-                greedy_correct={a['prompt']: correct(a['prompt'], a['answer']) for a in every})
+    confidence, correct = scores[f'token_confidence{suffix}'], scores[f'token_correct{suffix}'].double()
+    return {f'nll{suffix}': -scores[f'token_true_prob{suffix}'].clamp_min(1e-30).log().mean().item(),
+            f'ece{suffix}': ece(confidence, correct, n_bins),
+            f'brier{suffix}': ((confidence.double() - correct) ** 2).mean().item()}
 
 
-def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_new_tokens=32, n_samples=4,
-               seed=0, answers=None, length_normalise=False):
-    """The SFT report (METHOD.md §6) as (report dict, readouts); null where the data can't tell.
+# -----------------------------------------------------------------------------
+# every member's own answer, and how much the members disagree about whole answers
 
-    answers: verdict.answers_by_kind of test_rows (every member's own greedy answer), for the
-    read-outs of answer_readouts; without them those keys are null.
-    length_normalise: the routing read-outs route by log p_m(x) / |y|, as the run trained.
-    readouts holds what the plots are drawn from: the test rows' score_rows dict under
-    'scores' and the per-prompt epistemic scores (the sequence mixture's) by kind under 'by_kind'.
-    The epistemic read-outs (auroc_conflict, auroc_ood, epistemic_by_kind, ...) follow the sequence
-    mixture; the token mixture's carry the suffix _token_mixture (epistemic_scores).
+# a preference pair's kind (data.mark_contested) names its prompt's kind as an SFT row would
+PROMPT_KIND = {'contested': 'conflicting', 'consensus': 'consistent'}
+
+
+def answer_labels(out, n_prompt, stop_token):
+    """Labels that score generated answers, out (N, n_prompt + new) -> (N, n_prompt + new).
+
+    -100 on the prompt and after the first stop token. The stop token itself is scored, as in
+    training (data.encode_pair): ending the answer there is part of it.
     """
+    new = out[:, n_prompt:]                                          # (N, new)
+    stops = (new == stop_token).long()
+    after_stop = stops.cumsum(-1) - stops > 0                        # a stop token came earlier
+    labels = out.clone()
+    labels[:, :n_prompt] = -100
+    labels[:, n_prompt:] = new.masked_fill(after_stop, -100)
+    return labels
+
+
+def scored(model, out, n_prompt, stop_token, batch_size):
+    """evaluate.score_batches of generated answers out (N, n_prompt + new), batch_size sequences at a time."""
+    labels = answer_labels(out, n_prompt, stop_token)
+    return score_batches(model, ((out[i:i + batch_size], labels[i:i + batch_size])
+                                 for i in range(0, len(out), batch_size)))
+
+
+def first_members(texts):
+    """{distinct answer: the first member that gave it}, in the members' order. texts: M answers."""
+    first = {}
+    for member, text in enumerate(texts):
+        first.setdefault(text, member)
+    return first
+
+
+def distinct_answers(texts, answer_logp):
+    """The distinct member answers to one prompt, each with its probability under the sequence mixture and its
+    share of what the mixture gives all of them:
+
+        probability(a) = (1/M) sum_k p_k(a | x)           weight(a) = probability(a) / sum_{a' in A} probability(a')
+
+    texts: M member answers (A: the distinct ones); answer_logp (M, M): [k, m] = log p_k(member m's answer | x).
+    Returns [{"answer", "weight", "probability", "members"}], heaviest first, the weights summing to 1.
+    """
+    first = first_members(texts)
+    log_mixture = torch.logsumexp(answer_logp[:, list(first.values())].double(), dim=0) - math.log(len(texts))  # (A,)
+    weights = torch.softmax(log_mixture, dim=0)
+    answers = [dict(answer=text, weight=weight, probability=probability,
+                    members=[m for m, t in enumerate(texts) if t == text])
+               for text, weight, probability in zip(first, weights.tolist(), log_mixture.exp().tolist())]
+    return sorted(answers, key=lambda answer: -answer['weight'])
+
+
+def disagreement(texts, answer_logp):
+    """How much the members disagree about whole answers: the mutual information between member and answer.
+
+        q_k(a)       = p_k(a | x) / sum_{a' in A} p_k(a' | x)      member k's belief over the distinct answers A
+        disagreement = H(mean_k q_k) - mean_k H(q_k)               (renyi_lora.mutual_information)
+
+    texts, answer_logp (M, M) as in distinct_answers -> a float in [0, log M], in nats. 0 when the
+    members give one answer, or when each finds the others' answers as likely as its own; high
+    when each member is sure of its own answer and rules out the others' (METHOD.md §6).
+    """
+    columns = list(first_members(texts).values())
+    return mutual_information(torch.softmax(answer_logp[:, columns].double(), dim=-1)).item()
+
+
+@torch.no_grad()
+def answer_batch(model, tokenizer, idx, max_new_tokens, temperature, top_k, generator, batch_size):
+    """The ensemble's and every member's answer to B prompts of equal length, idx (B, T), with their statistics.
+
+    An answer ends at the end-of-text token, after max_new_tokens, or at the block size.
+      weights (M, B)     posterior_weights of log p_m(ensemble's answer | x): the members that back it
+      probability (B,)   the sequence mixture's probability of the ensemble's answer, (1/M) sum_m p_m(answer | x)
+      epistemic (B,)     u along the ensemble's answer: the sequence mixture's mutual information, summed (evaluate.epistemic_scores)
+      confidence (B,)    mean_m of log p_m(member m's own answer | x) per token
+    and, per prompt, the distinct member answers (distinct_answers) and their disagreement.
+    """
+    stop, (B, T) = tokenizer.eot_token, idx.shape
+    new = min(max_new_tokens, model.config.block_size - T)
+    ensemble = model.generate(idx, new, temperature, top_k, stop, generator, mixture='sequence')  # (B, T + new)
+    members = model.generate(idx, new, temperature, top_k, stop, generator, mixture=None)         # (M, B, T + new)
+    M = members.shape[0]
+    ensemble_scores = scored(model, ensemble, T, stop, batch_size)
+    member_scores = scored(model, members.reshape(M * B, -1), T, stop, batch_size)
+    answer_logp = member_scores['logp'].view(M, M, B)         # [k, m, b] = log p_k(member m's answer | prompt b)
+    own_logp = answer_logp.diagonal(dim1=0, dim2=1).T          # (M, B): log p_m(member m's answer)
+    confidence = (own_logp / member_scores['n_tokens'].view(M, B).clamp(min=1)).mean(0)   # (B,)
+    weights = posterior_weights(ensemble_scores['logp'].double())                         # (M, B)
+    probability = (torch.logsumexp(ensemble_scores['logp'].double(), 0) - math.log(M)).exp()  # (B,)
+    epistemic = epistemic_scores(ensemble_scores)[MIXTURES['sequence']]                   # (B,): u, in nats
+    text = lambda ids: decode_response(tokenizer, ids[T:], stop)
+    answers = []
+    for b in range(B):
+        texts = [text(members[m, b].tolist()) for m in range(M)]
+        answers.append(dict(answer=text(ensemble[b].tolist()), probability=probability[b].item(),
+                            members=[dict(answer=t, weight=w) for t, w in zip(texts, weights[:, b].tolist())],
+                            distinct=distinct_answers(texts, answer_logp[:, :, b]),
+                            epistemic=epistemic[b].item(), disagreement=disagreement(texts, answer_logp[:, :, b]),
+                            confidence=confidence[b].item()))
+    return answers
+
+
+def answer_prompts(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_k=None, generator=None,
+                   batch_size=32):
+    """answer_batch for every prompt, laid out as [eot] + prompt like training rows; in prompts' order.
+
+    Returns one dict per prompt: prompt; answer (the ensemble's, from the sequence mixture);
+    members [{"answer", "weight"}] (each member's own answer, and the member's posterior weight
+    given the ensemble's answer; the weights sum to 1); distinct [{"answer", "weight", "members"}]
+    (distinct_answers); epistemic, disagreement and confidence.
+    """
+    was_training = model.training
     model.eval()
-    scores = score_rows(model, tokenizer, test_rows, batch_size)
-    kinds = [row.get('kind', 'consistent') for row in test_rows]
-    epistemic = {suffix: per_prompt_mean(score, test_rows) for suffix, score in epistemic_scores(scores).items()}
-    aleatoric = per_prompt_mean(scores['aleatoric'] / scores['n_tokens'].clamp(min=1), test_rows)
-    kind_of = {row['prompt']: row.get('kind', 'consistent') for row in test_rows}
-    by_kind = {suffix: by_kind_of(score, kind_of) for suffix, score in epistemic.items()}
-    aleatoric_by_kind = by_kind_of(aleatoric, kind_of)
-    from_answers = answer_readouts(answers, test_rows) if answers else dict(
-        disagreement={}, member_accuracy=None, greedy_correct=None)
-    disagreement_by_kind = by_kind_of(from_answers['disagreement'], kind_of)   # empty lists without answers
-    conflicting = [i for i, kind in enumerate(kinds) if kind == 'conflicting' and test_rows[i].get('group')]
-    groups = [test_rows[i]['group'] for i in conflicting]
-    # rows an annotator group answered: the conflicting ones, and any agreed rows that still carry a group
-    grouped = [i for i, row in enumerate(test_rows) if row.get('group') not in (None, benchmark.ALL)]
-    members = scores['logp'][:, conflicting].argmax(0).tolist()      # argmax responsibility, for any alpha > 0
-    lengths = scores['n_tokens'].clamp(min=1) if length_normalise else None                          # (N,) or None
-    grouped_logp, grouped_groups = scores['logp'][:, grouped], [test_rows[i]['group'] for i in grouped]
-
-    def within(key):            # the split inside each task, or each prompt, of the grouped rows
-        return specialisation_within(grouped_logp, grouped_groups, [test_rows[i].get(key) for i in grouped])
-
-    report = dict(alpha=alpha, n_members=scores['logp'].shape[0],
-                  soft_specialisation=soft_specialisation(grouped_logp, grouped_groups),
-                  per_task_specialisation=within('task'),
-                  per_prompt_specialisation=within('prompt'),
-                  argmax_specialisation=specialisation(members, groups),
-                  routing=routing_matrix(scores['logp'][:, conflicting], alpha, groups,
-                                         None if lengths is None else lengths[conflicting]) if groups else None)
-    if ood_rows:
-        for suffix, score in epistemic_scores(score_rows(model, tokenizer, ood_rows, batch_size)).items():
-            by_kind[suffix]['ood'] = list(per_prompt_mean(score, ood_rows).values())
-    for suffix in MIXTURES.values():            # each mixture's epistemic AUROCs; the auroc_ood null without ood rows
-        ood = by_kind[suffix].get('ood', [])
-        report |= epistemic_aurocs(by_kind[suffix], suffix)
-        report[f'auroc_ood{suffix}'] = safe_auroc(ood, list(epistemic[suffix].values()))
-        report[f'auroc_ood_vs_consistent{suffix}'] = safe_auroc(ood, by_kind[suffix].get('consistent', []))
-    report |= answer_aurocs(aleatoric_by_kind, disagreement_by_kind)
-    report |= task_routing(scores['logp'], alpha, test_rows, lengths)
-    report['coherence'] = None
-    for name, suffix in MIXTURES.items():          # greedy answers of each mixture to the prompts of each kind
-        for kind in ('consistent', 'high_entropy', 'conflicting'):
-            rows = [row for row in test_rows if row.get('kind', 'consistent') == kind]
-            decoded = greedy_answers(model, tokenizer, rows, max_new_tokens, name)
-            report[f'accuracy_{kind}{suffix}'] = greedy_accuracy(decoded)
-            if kind == 'conflicting':
-                report[f'ensemble_coherence{suffix}'] = ensemble_coherence(decoded)
-    conflict_rows = [row for row in test_rows
-                     if row.get('kind') == 'conflicting' and row.get('task') in benchmark.CARD_FIELDS]
-    if conflict_rows:
-        report['coherence'] = coherence(model, tokenizer, conflict_rows, n_samples, max_new_tokens, seed)
-    for suffix in MIXTURES.values():
-        report |= calibration(scores, suffix)
-    mean_by_kind = lambda scores: {kind: sum(v) / len(v) for kind, v in scores.items() if v}
-    report |= dict(epistemic_by_kind=mean_by_kind(by_kind['']),
-                   epistemic_by_kind_token_mixture=mean_by_kind(by_kind['_token_mixture']),
-                   aleatoric_by_kind=mean_by_kind(aleatoric_by_kind),
-                   disagreement_by_kind=mean_by_kind(disagreement_by_kind),
-                   member_accuracy_consistent=from_answers['member_accuracy'],
-                   greedy_correct=from_answers['greedy_correct'])
-    model.train()
-    return report, dict(scores=scores, by_kind=by_kind[''])
+    done = {}
+    for group, idx in prompt_batches(tokenizer, prompts, device_of(model)):
+        for start in range(0, len(group), batch_size):
+            answers = answer_batch(model, tokenizer, idx[start:start + batch_size], max_new_tokens, temperature,
+                                   top_k, generator, batch_size)
+            for prompt, answer in zip(group[start:start + batch_size], answers):
+                done.setdefault(prompt, []).append(dict(prompt=prompt) | answer)
+    model.train(was_training)
+    return [done[prompt].pop(0) for prompt in prompts]
 
 
-def markdown_table(rows, columns):
-    """Markdown table of (label, report) rows; null metrics print as '–'."""
-    lines = ['| run | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
-    for label, report in rows:
-        cells = ['–' if report[c] is None else f'{report[c]:.1f}' if c == 'train_seconds'
-                 else f'{report[c]:.3f}' if isinstance(report[c], float) else str(report[c]) for c in columns]
-        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+def answers_by_kind(model, tokenizer, rows, max_new_tokens, batch_size=32):
+    """Greedy answer_prompts of the distinct prompts of rows (dicts with prompt and kind): {kind: [answer]}.
+
+    A preference pair's kind counts as its prompt's (PROMPT_KIND); rows without one are consistent.
+    """
+    kind_of = {row['prompt']: PROMPT_KIND.get(row.get('kind'), row.get('kind', 'consistent')) for row in rows}
+    by_kind = {}
+    for answer in answer_prompts(model, tokenizer, list(kind_of), max_new_tokens, batch_size=batch_size):
+        by_kind.setdefault(kind_of[answer['prompt']], []).append(answer)
+    return by_kind

@@ -120,22 +120,6 @@ def lora_state_dict(model):
     return {name: t for name, t in model.state_dict().items() if name.endswith(('lora_A', 'lora_B'))}
 
 
-@torch.no_grad()
-def clone_member(model, source, target, spread, generator=None):
-    """Overwrite member `target` with member `source`, then push the two apart symmetrically:
-
-        theta_source <- theta_source - delta,   theta_target <- theta_source + delta,
-        delta = spread * std(tensor) * z,  z ~ N(0, I), for each adapter tensor
-
-    The pair's mean stays at the source, where the stability criterion (METHOD.md §3) decides
-    whether the spread grows (the source's examples conflict) or decays (they do not).
-    """
-    for p in lora_parameters(model):
-        delta = spread * p[source].std() * torch.randn(p[source].shape, generator=generator).to(p.device)
-        p[target] = p[source] + delta
-        p[source] -= delta
-
-
 def merge_member(model, member):
     """A plain GPT (no member axis) whose weights are W + s * B_m @ A_m for member m."""
     merged = GPT(model.config).to(model.lm_head.weight.device)

@@ -170,7 +170,10 @@ class GPT(nn.Module):
         Once a sequence emits stop_token it keeps emitting it, and decoding ends early when
         every sequence has stopped. use_cache keeps every block's keys and values (for all
         members at once, the shared trunk's once) so each step runs one new token; it falls
-        back to recomputing the whole window when the sequence would outgrow block_size.
+        back to recomputing the last block_size tokens when the sequence would outgrow block_size.
+        The B prompts must share one length T: there is no padding mask (evaluate.prompt_batches
+        groups prompts by length). Past block_size the members see a cropped window, but the
+        sequence mixture's weights keep counting every token generated since the prompt.
         """
         if mixture not in (None, 'sequence', 'token'):
             raise ValueError(f"mixture must be None, 'sequence' or 'token', got {mixture!r}")

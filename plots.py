@@ -1,6 +1,15 @@
 """
-The report's figures, as PNG files. matplotlib with the Agg backend: no display needed.
+The figures of a finished run, as PNG files beside its report, drawn from what training saved there:
+
+    python plots.py --out_dir=out/sft      # loss.png, routing.png, uncertainty.png, reliability.png
+    python plots.py --out_dir=out/dpo      # margins.png, routing.png
+
+An SFT run's out_dir holds ckpt.pt (the loss history), report.json and readouts.pt (the
+per-prompt scores, evaluate.py's); a DPO run's report.json and margins.pt. matplotlib with the
+Agg backend: no display needed. The README's picture is an SFT run's uncertainty.png:
+`python plots.py --out_dir=out/sft && cp out/sft/uncertainty.png assets/sft_uncertainty.png`.
 """
+import json
 import os
 
 import matplotlib
@@ -9,6 +18,12 @@ import numpy as np
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 import torch  # noqa: E402
+
+from config import UserError, parse_args, run_script  # noqa: E402
+
+defaults = dict(
+    out_dir='out/sft',      # a train_sft.py or train_dpo.py output directory
+)
 
 
 def loss_curves(ax, history):
@@ -106,88 +121,25 @@ def dpo_plots(out_dir, margins_by_group, routing):
     plt.close(fig)
 
 
-def comparison_plots(out_dir, results):
-    """Write reliability.png (every method) and uncertainty.png (methods with more than one member), side by side.
-
-    results: [(label, report, readouts)], report and readouts as filled by evaluate.sft_report.
-    A single adapter has no epistemic uncertainty (mutual information 0), so it gets no histogram.
-    """
-    def reliability(ax, label, report, readouts):
-        reliability_diagram(ax, readouts['scores']['token_confidence'], readouts['scores']['token_correct'])
-        ax.set_title(f"{label}\nECE {report['ece']:.3f}", fontsize=9)
-
-    def uncertainty(ax, label, report, readouts):
-        uncertainty_histograms(ax, readouts['by_kind'])
-        ax.set_title(label, fontsize=9)
-
-    ensembles = [result for result in results if result[1]['n_members'] > 1]
-    for name, draw, panels in (('reliability', reliability, results), ('uncertainty', uncertainty, ensembles)):
-        n_rows = -(-len(panels) // 4)                              # at most 4 panels a row, rows filled evenly
-        n_cols = -(-len(panels) // n_rows)
-        fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 3.4 * n_rows), squeeze=False)
-        for ax, panel in zip(axes.flat, panels):
-            draw(ax, *panel)
-            ax.xaxis.label.set_fontsize(8)
-        for ax in axes.flat[len(panels):]:
-            ax.axis('off')
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, f'{name}.png'), dpi=90)
-        plt.close(fig)
+def main(argv):
+    config = parse_args(defaults, argv)
+    out_dir = config['out_dir']
+    paths = {name: os.path.join(out_dir, name) for name in ('report.json', 'ckpt.pt', 'readouts.pt', 'margins.pt')}
+    if not os.path.isfile(paths['report.json']):
+        raise UserError(f"{out_dir} has no report.json: expected a finished train_sft.py or train_dpo.py run")
+    with open(paths['report.json']) as f:
+        report = json.load(f)
+    if os.path.isfile(paths['margins.pt']):                               # a DPO run
+        dpo_plots(out_dir, torch.load(paths['margins.pt']), report['routing'])
+        print(f"wrote {out_dir}/margins.png, routing.png")
+        return
+    if not (os.path.isfile(paths['readouts.pt']) and os.path.isfile(paths['ckpt.pt'])):
+        raise UserError(f"{out_dir} has no readouts.pt or ckpt.pt: train it again with today's train_sft.py")
+    readouts = torch.load(paths['readouts.pt'])
+    history = torch.load(paths['ckpt.pt'], map_location='cpu', weights_only=False)['history']
+    sft_plots(out_dir, history, report, readouts['by_kind'], readouts['scores'])
+    print(f"wrote {out_dir}/loss.png, uncertainty.png, reliability.png" + (", routing.png" if report.get('routing') else ''))
 
 
-
-def variance_boxes(ax, runs, ylabel):
-    """A box per run and kind of pair (contested beside consensus) of per-pair variances, on a log scale.
-
-    runs: [(label, {'contested': [variance per pair], 'consensus': [...]})]. A variance of 0 (members that agree
-    exactly) cannot sit on a log scale; it is drawn at 1e-12.
-    """
-    for offset, kind, colour in ((-0.18, 'contested', 'C3'), (0.18, 'consensus', 'C0')):
-        values = [np.maximum(variances[kind], 1e-12) for _, variances in runs]
-        positions = np.arange(len(runs)) + offset
-        boxes = ax.boxplot(values, positions=positions, widths=0.3, whis=(5, 95), showfliers=False, patch_artist=True)
-        plt.setp(boxes['boxes'], facecolor=colour, alpha=0.4)
-        for position, run_values in zip(positions, values):
-            ax.plot(np.full(len(run_values), position), run_values, '.', color=colour, ms=2, alpha=0.5)
-        means = [np.mean(v) if len(v) else np.nan for v in values]                # a run without such pairs: no mean
-        ax.plot(positions, means, 'D', color=colour, ms=5, label=f'{kind} (diamond: mean)')
-    ax.set_yscale('log')
-    ax.set_xticks(range(len(runs)), [label for label, _ in runs], fontsize=8)
-    ax.set_ylabel(ylabel)
-
-
-def disagreement_plot(path, panels):
-    """Write to path one variance_boxes panel per (ylabel, runs) of panels, stacked: the members' disagreement per
-    held-out pair. Boxes: quartiles; whiskers: 5th to 95th percentile; dots: the pairs."""
-    n_runs = len(panels[0][1])
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.1 * n_runs), 3.4 * len(panels)), squeeze=False)
-    for ax, (ylabel, runs) in zip(axes[:, 0], panels):
-        variance_boxes(ax, runs, ylabel)
-    axes[0, 0].set_title("members' disagreement per held-out pair (box: quartiles, whiskers: 5-95%)", fontsize=10)
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def routing_entropy_curves(path, panels):
-    """Write one figure to path: a panel per routing, in it the mean routing entropy of each run against the iter.
-
-    panels: {title: [(label, iters, entropies in nats, n_members)]}. A dotted line marks log M, the entropy of
-    routing that trains every member alike; 0 means every example trains one member alone.
-    """
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False, sharey=True)
-    for ax, (title, runs) in zip(axes[0], panels.items()):
-        for label, iters, entropies, _ in runs:
-            ax.plot(iters, entropies, 'o-', ms=3, label=label)
-        for n_members in sorted({run[3] for run in runs}):
-            ax.axhline(np.log(n_members), color='k', ls=':', lw=0.8)
-            ax.text(ax.get_xlim()[0], np.log(n_members), f' log {n_members}', va='bottom', fontsize=8)
-        ax.set_xlabel('iter (end of the eval window)')
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-    axes[0][0].set_ylabel('mean entropy of w(x) (nats)')
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+if __name__ == '__main__':
+    run_script(main)

@@ -1,28 +1,36 @@
 """
 Pretrain the small base GPT that the LoRA adapters sit on: all parameters, no
-adapters, next-token prediction on plain text.
+adapters, next-token prediction on plain text. Its text and its tokenizer come from here too.
 
     python pretrain.py                       # the benchmark world's text -> out/base.pt
     python pretrain.py --data=text.txt       # your own UTF-8 text file
     python pretrain.py --max_iters=50 --n_layer=2 --n_embd=32   # a quick smoke run
+    python pretrain.py --train_tokenizer=true   # learn the shipped BPE ranks renyi_bpe.tiktoken again, and stop
 
 The defaults finish in under 3 minutes on 2 CPU cores. The checkpoint holds the
 model config, the weights, the tokenizer name and the validation loss reached.
+The default model shape is model.GPTConfig's, which trainer.py assumes for out/base.pt
+before this script has made it.
 """
 
+import base64
 import dataclasses
+import itertools
 import os
+import random
+import re
 import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 
-import benchmark
 import data
-from checkpoint import save_atomically
+from benchmark import (ANIMALS, CATEGORIES, COUNTRIES, DAYS, NUMBER_WORDS, OPPOSITES, RHYMES, article, parity,
+                       upper_first)
 from config import UserError, parse_args, run_script
 from model import GPT, GPTConfig
-from trainer import check_settings, format_seconds, train_loop
+from trainer import check_settings, format_seconds, save_atomically, train_loop
 
 defaults = dict(
     data='',                # '' is the benchmark world's text (benchmark.pretrain_text); else a UTF-8 text file
@@ -51,7 +59,127 @@ defaults = dict(
     log_interval=50,
     seed=1337,
     device='cuda' if torch.cuda.is_available() else 'cpu',
+    train_tokenizer=False,  # instead of pretraining: learn the shipped ranks file renyi_bpe.tiktoken from the world's text
 )
+
+
+# -----------------------------------------------------------------------------
+# the pretraining text: the benchmark world's facts in many phrasings
+
+def fact_sentences():
+    """Every fact of the world as a few sentences, the raw material of the pretraining text.
+
+    Plain statements (some with commas), question-answer lines and "Key: Value."
+    records, so the base model has seen facts asked about and written in several
+    styles, but never the benchmark's own questions.
+    """
+    sentences = []
+    for country, capital, continent in COUNTRIES:
+        sentences += [f"The capital of {country} is {capital}.", f"{capital} is the capital of {country}.",
+                      f"{country} is a country in {continent}.", f"{capital} is a city in {continent}.",
+                      f"Q: Which city is the capital of {country}?\nA: {capital}.",
+                      f"Q: Where is {country}?\nA: {country} is in {continent}.",
+                      f"Country: {country}. Capital: {capital}. Continent: {continent}.",
+                      f"In {continent}, the capital of {country} is {capital}.", f"{country}, {capital}, {continent}."]
+    for animal, sound, legs in ANIMALS:
+        sentences += [f"{upper_first(article(animal))} says {sound}.", f"The {animal} goes {sound}.",
+                      f"{upper_first(article(animal))} has {legs} legs.",
+                      f"{upper_first(article(animal))} has {NUMBER_WORDS[legs]} legs.",
+                      f"Q: What does {article(animal)} say?\nA: It says {sound}.",
+                      f"Animal: {animal.title()}. Sound: {sound.title()}. Legs: {legs}.",
+                      f"The {animal} says {sound}, and it has {NUMBER_WORDS[legs]} legs."]
+    for a, b in itertools.product(range(10), repeat=2):
+        sentences += [f"{a} plus {b} is {a + b}.", f"{a} plus {b} equals {a + b}.",
+                      f"{upper_first(NUMBER_WORDS[a])} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}.",
+                      f"Q: How much is {a} plus {b}?\nA: {a + b}.",
+                      f"Take {NUMBER_WORDS[a]}, add {NUMBER_WORDS[b]}, and you get {NUMBER_WORDS[a + b]}.",
+                      f"Numbers: {a} and {b}. Sum: {a + b}."]
+    for n, word in enumerate(NUMBER_WORDS):
+        sentences += [f"{n} is written {word}.", f"{n} is an {parity(n)} number.",
+                      f"Number: {n}. Word: {word.title()}. Parity: {parity(n).title()}.",
+                      f"{upper_first(word)} is an {parity(n)} number."]
+    for word, opposite in OPPOSITES:
+        sentences += [f"The opposite of {word} is {opposite}.", f"The opposite of {opposite} is {word}.",
+                      f"{upper_first(word)} and {opposite} are opposites."]
+    for category, members in CATEGORIES.items():
+        for member in members:
+            sentences += [f"{upper_first(article(member))} is {article(category)}." if category in ("fruit",
+                          "vegetable", "animal") else f"{upper_first(member)} is {article(category)}.",
+                          f"{upper_first(member)} starts with the letter {member[0].lower()}."]
+    for family in RHYMES:
+        for word, other in itertools.permutations(family, 2):
+            sentences.append(f"{upper_first(word)} rhymes with {other}.")
+    for day, next_day in zip(DAYS, DAYS[1:] + DAYS[:1]):
+        sentences += [f"{next_day} comes after {day}.", f"After {day} comes {next_day}.",
+                      f"{day} is a day of the week.", f"First {day}, then {next_day}."]
+    return sentences
+
+
+def pretrain_text(seed=0, n_documents=20_000):
+    """The base model's training text: documents of 3 to 10 random world facts, separated by <|endoftext|>.
+
+    A tenth of the sentences are lowercased with a "!" ending, so the casual
+    persona's words are familiar to the base model too.
+    """
+    rng = random.Random(seed)
+    sentences = fact_sentences()
+    documents = []
+    for _ in range(n_documents):
+        chosen = rng.choices(sentences, k=rng.randint(3, 10))
+        chosen = [s.lower()[:-1] + "!" if rng.random() < 0.1 and s.endswith(".") else s for s in chosen]
+        documents.append("\n".join(chosen))
+    return data.EOT.join(documents)
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer: byte-level BPE learned from that text (data.py loads the result)
+
+def merge(word, left, right):
+    """Replace every adjacent (left, right) in the list of byte strings `word` by left + right."""
+    merged, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == left and word[i + 1] == right:
+            merged.append(left + right)
+            i += 2
+        else:
+            merged.append(word[i])
+            i += 1
+    return merged
+
+
+def train_bpe(text, vocab_size=data.VOCAB_SIZE):
+    """Learn byte-level BPE ranks {token bytes: rank} from `text` by counting.
+
+    Start from the 256 single bytes; repeatedly merge the most frequent adjacent
+    pair (counted over distinct pieces, weighted by how often each occurs) until
+    there are vocab_size - 1 tokens, leaving the last id for <|endoftext|>.
+    """
+    piece_counts = Counter(re.findall(data.PATTERN, text))
+    pieces = [[bytes([b]) for b in piece.encode("utf-8")] for piece in piece_counts]
+    counts = list(piece_counts.values())
+    ranks = {bytes([b]): b for b in range(256)}
+    while len(ranks) < vocab_size - 1:
+        pairs = Counter()
+        for piece, count in zip(pieces, counts):
+            for pair in zip(piece, piece[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        left, right = max(pairs, key=pairs.get)  # ties: first seen, so deterministic
+        ranks.setdefault(left + right, len(ranks))
+        pieces = [merge(piece, left, right) for piece in pieces]
+    return ranks
+
+
+def save_ranks(ranks, path):
+    """Write ranks in tiktoken's file format: one `base64(token) rank` per line."""
+    with open(path, "w") as f:
+        for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+
+
+# -----------------------------------------------------------------------------
+# pretraining
 
 
 def load_tokens(config, tokenizer):
@@ -65,7 +193,7 @@ def load_tokens(config, tokenizer):
         except UnicodeDecodeError as error:
             raise UserError(f"--data={config['data']}: not UTF-8 text (byte {error.start})") from None
     else:
-        text = benchmark.pretrain_text(seed=0)
+        text = pretrain_text(seed=0)
     # <|endoftext|> in the text separates documents, as in GPT-2's training data
     tokens = torch.tensor(tokenizer.encode(text, allowed_special={data.EOT}), dtype=torch.long)
     n_val = int(len(tokens) * config['val_fraction'])
@@ -156,7 +284,12 @@ def pretrain(config):
 
 
 def main(argv):
-    pretrain(parse_args(defaults, argv))
+    config = parse_args(defaults, argv)
+    if config['train_tokenizer']:
+        save_ranks(train_bpe(pretrain_text(seed=0)), data.RANKS_PATH)
+        print(f"wrote {data.RANKS_PATH}")
+        return
+    pretrain(config)
 
 
 if __name__ == '__main__':

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from config import UserError
 
 
-def sequence_logprobs(logits, labels, length_normalize=False):
+def sequence_logprobs(logits, labels):
     """Summed log p(response | prompt) per member and example.
 
         log p_m(x) = sum_t log p(y_t | x, y_<t, theta_m)   over tokens whose label != -100
@@ -31,19 +31,7 @@ def sequence_logprobs(logits, labels, length_normalize=False):
     mask = targets != -100
     safe_targets = targets.masked_fill(~mask, 0).expand(logits.shape[:-1])
     token_logp = torch.gather(logits.log_softmax(-1), -1, safe_targets.unsqueeze(-1)).squeeze(-1)
-    summed = (token_logp * mask).sum(-1)                       # (..., B)
-    if length_normalize:
-        summed = summed / response_lengths(labels)
-    return summed
-
-
-def response_lengths(labels):
-    """|y| of each example: the response tokens that sequence_logprobs sums, at least 1.
-
-    labels: (B, T) as in sequence_logprobs -> (B,) int64. An example without response
-    tokens (log p = 0) counts as 1, so dividing by its length is harmless.
-    """
-    return (labels[..., 1:] != -100).sum(-1).clamp(min=1)
+    return torch.where(mask, token_logp, 0.0).sum(-1)          # (..., B); where, not * mask: -inf * 0 is nan
 
 
 def dpo_logp(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
@@ -101,7 +89,7 @@ def predictive_loss(logp):
     return -(torch.logsumexp(logp, dim=0) - math.log(n_members)).mean()
 
 
-def renyi_loss(logp, alpha, n_tokens=None):
+def renyi_loss(logp, alpha):
     """The alpha-Rényi ensemble loss (METHOD.md §2).
 
         l_alpha(x) = (1/alpha) * ( logsumexp_m(alpha * log p_m(x)) - log M )
@@ -112,12 +100,6 @@ def renyi_loss(logp, alpha, n_tokens=None):
     (2016) variational Rényi bound per example with their order
     alpha_LT = 1 - alpha and no entropy term (point-mass members have none).
 
-    n_tokens (B,), the response lengths |y_i| (response_lengths), routes on the per-token
-    log-likelihood and keeps each example's whole-response scale (METHOD.md §2,
-    "Length-normalised routing"):
-        l(x) = |y| * l_alpha(log p_m(x) / |y|) = l_{alpha/|y|}(x)
-    its gradient is responsibilities(logp, alpha, n_tokens) times d log p_m(x).
-
     Written as the mean plus a centred logsumexp so it is exact at alpha = 0,
     O(alpha) close to it, and stable for log-likelihoods of -1e4 and below:
         l_alpha = mean_m logp + (1/alpha) * log mean_m exp(alpha * (logp - mean_m logp))
@@ -127,41 +109,22 @@ def renyi_loss(logp, alpha, n_tokens=None):
     alpha = check_alpha(alpha)
     if alpha == 0:
         return vb_loss(logp)
-    length = 1 if n_tokens is None else n_tokens.double()       # (B,)
-    logp64 = logp.double() / length                             # (M, B)
+    logp64 = logp.double()                                      # (M, B)
     mean_logp = logp64.mean(dim=0)                              # (B,)
-    centred = alpha * (logp64 - mean_logp)                     # (M, B)
+    centred = alpha * (logp64 - mean_logp)                      # (M, B)
     spread = (torch.logsumexp(centred, dim=0) - math.log(logp.shape[0])) / alpha
-    return -(length * (mean_logp + spread)).mean().to(logp.dtype)
+    return -(mean_logp + spread).mean().to(logp.dtype)
 
 
-def floored_renyi_loss(logp, alpha, floor, n_tokens=None):
-    """The alpha-Rényi loss with a floor on the routing: a share `floor` of every example's
-    gradient is spread evenly over the members.
-
-        loss = (1 - floor) * renyi_loss(logp, alpha, n_tokens) + floor * vb_loss(logp)
-        d loss / d log p_m(x_i) = -(1/B) * [ (1 - floor) * w_m(x_i) + floor / M ]
-
-    logp: (M, B) -> scalar; n_tokens: None or (B,), as in renyi_loss. floor = 0 is
-    renyi_loss; floor = 1 is vb_loss. No member's share of the training signal falls
-    below floor / M, so none can starve.
-    """
-    if floor == 0:
-        return renyi_loss(logp, alpha, n_tokens)
-    return (1 - floor) * renyi_loss(logp, alpha, n_tokens) + floor * vb_loss(logp)
-
-
-def responsibilities(logp, alpha, n_tokens=None):
+def responsibilities(logp, alpha):
     """Soft routing weights w_m(x) = softmax_m(alpha * log p_m(x)).
 
     logp: (M, B) -> (M, B), each column sums to one. The gradient of
     l_alpha(x) w.r.t. member m is w_m(x) times member m's own gradient, so these
     weights say which members each example trains. alpha = 0 routes uniformly.
-    With n_tokens (B,), the per-token weights of length-normalised routing:
-        w_m(x) = softmax_m(alpha * log p_m(x) / |y|)
     """
     alpha = check_alpha(alpha)
-    return torch.softmax(alpha * (logp if n_tokens is None else logp / n_tokens), dim=0)
+    return torch.softmax(alpha * logp, dim=0)
 
 
 def responsibility_entropy(weights):
@@ -201,7 +164,7 @@ def mixture_next_token_logprobs(member_logprobs, weights):
 
 def alpha_at(it, alpha, ramp_iters, hold_iters=0):
     """The alpha of training step `it`: 0 for the first hold_iters steps, then a linear ramp to `alpha`
-    at step ramp_iters.
+    at step ramp_iters (0 <= hold_iters <= ramp_iters).
 
         alpha_t = alpha * clamp((it - hold_iters) / (ramp_iters - hold_iters), 0, 1)
 
@@ -213,6 +176,8 @@ def alpha_at(it, alpha, ramp_iters, hold_iters=0):
     while the members still differ by tens of nats on long responses, even a small
     alpha hands every example to one of them.
     """
+    if not 0 <= hold_iters <= ramp_iters:
+        raise ValueError(f"the hold ({hold_iters} iters) must lie within the ramp ({ramp_iters} iters)")
     if it >= ramp_iters:
         return alpha
     if it < hold_iters:
@@ -293,37 +258,3 @@ def mutual_information(probs, weights=None):
     sequence mixture it is I(member; y | x) <= log M (chain rule; one response can exceed it).
     """
     return (predictive_entropy(probs, weights) - expected_entropy(probs, weights)).clamp_min(0.0)
-
-
-def auroc(pos_scores, neg_scores):
-    """Area under the ROC curve by the rank (Mann-Whitney) formula, ties counted half.
-
-        AUROC = P(s_pos > s_neg) + 0.5 * P(s_pos == s_neg)
-
-    pos_scores: (P,), neg_scores: (N,) -> float in [0, 1]; 1 means every positive
-    (e.g. conflicting prompt) scores above every negative.
-    """
-    pos = torch.as_tensor(pos_scores, dtype=torch.float64).reshape(-1, 1)
-    neg = torch.as_tensor(neg_scores, dtype=torch.float64).reshape(1, -1)
-    if pos.numel() == 0 or neg.numel() == 0:
-        raise ValueError("auroc needs at least one positive and one negative score")
-    return ((pos > neg).double().mean() + 0.5 * (pos == neg).double().mean()).item()
-
-
-def ece(confidence, correct, n_bins=10):
-    """Expected calibration error with n_bins equal-width confidence bins.
-
-        ECE = sum_b (|b| / n) * |accuracy(b) - mean confidence(b)|
-
-    confidence: (n,) in [0, 1]; correct: (n,) booleans -> float. A confidence of
-    exactly 1 falls in the last bin.
-    """
-    confidence = torch.as_tensor(confidence, dtype=torch.float64)
-    correct = torch.as_tensor(correct, dtype=torch.float64)
-    bins = (confidence * n_bins).long().clamp(max=n_bins - 1)  # (n,)
-    total = 0.0
-    for b in range(n_bins):
-        in_bin = bins == b
-        if in_bin.any():
-            total += in_bin.double().mean() * (correct[in_bin].mean() - confidence[in_bin].mean()).abs()
-    return float(total)

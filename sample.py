@@ -1,7 +1,7 @@
 r"""
 Answer prompts with a trained ensemble, in the manner of nanoGPT's sample.py: every member's
-answer with its weight, the ensemble's answer, the epistemic uncertainty, and a verdict
-(verdict.py): the members agree, the prompt is contested, or it looks unfamiliar.
+answer with its weight, the ensemble's answer, the epistemic uncertainty, and a verdict:
+the members agree, the prompt is contested, or it looks unfamiliar (METHOD.md §6).
 
     python sample.py --out_dir=out/sft --prompt="Q: Add 3 and 4.\nA:"
     python sample.py --out_dir=out/dpo --prompts_file=prompts.txt --json=true
@@ -10,8 +10,8 @@ answer with its weight, the ensemble's answer, the epistemic uncertainty, and a 
 
 In --prompt and in a plain prompts file, \n (backslash, n) stands for a newline, so the
 benchmark's two-line prompts fit on one command line; write \\ for a backslash. The verdict's
-thresholds come from the run's validation prompts (out_dir/verdict.json, written at the end of
-training; for an older run they are fitted here once and saved). A mistake in the input ends
+thresholds are fitted on the run's validation prompts the first time a run is sampled, and saved
+to out_dir/verdict.json. A mistake in the input ends
 with one line `error: ...` and exit status 2 (config.UserError).
 """
 import contextlib
@@ -23,9 +23,9 @@ import sys
 import torch
 
 import data
-from checkpoint import load_ensemble
 from config import UserError, check_device, parse_args, run_script
-from verdict import answer_prompts, answers_by_kind, held_out_thresholds, verdict, verdict_shares
+from evaluate import answer_prompts, answers_by_kind
+from trainer import load_ensemble
 
 defaults = dict(
     out_dir='out/sft',      # a train_sft.py or train_dpo.py output directory, with its ckpt.pt
@@ -42,6 +42,81 @@ defaults = dict(
     device='cuda' if torch.cuda.is_available() else 'cpu',
 )
 
+
+# -----------------------------------------------------------------------------
+# the verdict: two thresholds fitted on held-out prompts
+
+def best_split(negatives, positives):
+    """The threshold t with the best balanced accuracy, (P(positive > t) + P(negative <= t)) / 2.
+
+    The candidates are the midpoints between consecutive distinct values; the lowest wins a tie.
+    negatives, positives: lists of numbers -> (t, its balanced accuracy).
+    """
+    values = sorted(set(negatives) | set(positives))
+    candidates = [(low + high) / 2 for low, high in zip(values, values[1:])] or values
+    accuracy = lambda t: (sum(p > t for p in positives) / len(positives)
+                          + sum(n <= t for n in negatives) / len(negatives)) / 2
+    best = max(candidates, key=lambda t: (accuracy(t), -t))
+    return best, accuracy(best)
+
+
+def quantile(values, q):
+    """The q-quantile of a list of numbers, interpolated linearly (torch.quantile's default)."""
+    return torch.quantile(torch.tensor(values, dtype=torch.float64), q).item()
+
+
+def fit_thresholds(stats_by_kind, contested_quantile=0.95, unfamiliar_quantile=0.05):
+    """The verdict's thresholds from held-out prompts: {kind: [{"disagreement", "confidence", ...}, ...]}.
+
+      contested   the disagreement that best separates 'conflicting' from 'consistent' prompts
+                  (best_split); without both kinds, the contested_quantile of every prompt's disagreement
+      unfamiliar  the unfamiliar_quantile of every prompt's confidence: held-out prompts are all
+                  in-distribution, so about that share of familiar prompts falls below it
+    Returns both thresholds, how each was fitted and the number of prompts of each kind.
+    """
+    disagreements = lambda kind: [s['disagreement'] for s in stats_by_kind.get(kind, [])]
+    every = [s for stats in stats_by_kind.values() for s in stats]
+    if disagreements('conflicting') and disagreements('consistent'):
+        contested, accuracy = best_split(disagreements('consistent'), disagreements('conflicting'))
+        contested_fit = f"best split of conflicting from consistent prompts, balanced accuracy {accuracy:.3f}"
+    else:
+        contested = quantile([s['disagreement'] for s in every], contested_quantile)
+        contested_fit = f"quantile {contested_quantile} of the disagreement (no conflicting and consistent prompts)"
+    return dict(contested=contested, unfamiliar=quantile([s['confidence'] for s in every], unfamiliar_quantile),
+                contested_fit=contested_fit, unfamiliar_fit=f"quantile {unfamiliar_quantile} of the confidence",
+                n_prompts={kind: len(stats) for kind, stats in sorted(stats_by_kind.items())})
+
+
+def verdict(stats, thresholds):
+    """'unfamiliar' when the members are unsure of their own answers (confidence below its threshold);
+    otherwise 'contested' when they disagree (disagreement above its threshold); otherwise 'agree'.
+
+    Unfamiliarity comes first: off the training data the members disagree too, but what a
+    person needs to know then is that no member knows the answer, not that they take sides.
+    """
+    if stats['confidence'] < thresholds['unfamiliar']:
+        return 'unfamiliar'
+    if stats['disagreement'] > thresholds['contested']:
+        return 'contested'
+    return 'agree'
+
+
+def held_out_thresholds(model, tokenizer, rows, max_new_tokens, batch_size=32):
+    """fit_thresholds on the greedy answers to held-out rows' prompts: what load_thresholds saves to verdict.json."""
+    return fit_thresholds(answers_by_kind(model, tokenizer, rows, max_new_tokens, batch_size))
+
+
+def verdict_shares(by_kind, thresholds):
+    """{kind: {verdict: share of the kind's prompts}} for answers_by_kind's answers."""
+    shares = {}
+    for kind, answers in by_kind.items():
+        verdicts = [verdict(answer, thresholds) for answer in answers]
+        shares[kind] = {name: verdicts.count(name) / len(verdicts) for name in ('agree', 'contested', 'unfamiliar')}
+    return shares
+
+
+# -----------------------------------------------------------------------------
+# the command line
 
 def unescape(text):
     r"""A prompt as typed: '\n' (backslash, n) is a newline, '\\' a backslash."""
@@ -105,22 +180,22 @@ def run_rows(config):
     """(validation rows, test rows and OOD rows) of a run, derived again from its stored config."""
     try:
         if 'sft_dir' in config:   # a train_dpo.py run: its preference pairs' prompts
-            _, val_rows, test_rows = data.load_pref_rows(config['data'], config['val_data'], config['val_fraction'],
-                                                         config['seed'])
+            _, val_rows, test_rows = data.load_pref_rows(config['data'], config['val_data'],
+                                                         config.get('val_fraction', 0.1), config['seed'])
             return val_rows, test_rows
-        _, val_rows, test_rows, ood_rows = data.load_sft_rows(config['data'], config['val_data'], config['ood_data'],
-                                                              config['val_fraction'], config['seed'])
+        _, val_rows, test_rows, ood_rows = data.sft_rows_of(config)
     except (OSError, ValueError) as error:
         raise UserError(f"the run's held-out prompts cannot be read again: {error}") from None
     return val_rows, test_rows + ood_rows
 
 
 def load_thresholds(out_dir, model, tokenizer, run_config, max_new_tokens, batch_size):
-    """out_dir/verdict.json; a run trained before it existed gets it fitted on its validation prompts, and saved."""
+    """out_dir/verdict.json, fitted on the run's validation prompts and saved the first time the run is sampled."""
     path = os.path.join(out_dir, 'verdict.json')
     if not os.path.isfile(path):
         val_rows = run_rows(run_config)[0]
-        print(f"{path} not found: fitting the verdict's thresholds on the run's validation prompts", file=sys.stderr)
+        print(f"fitting the verdict's thresholds on the run's {len(val_rows)} validation rows, once: {path}",
+              file=sys.stderr)
         with open(path, 'w') as f:
             json.dump(held_out_thresholds(model, tokenizer, val_rows, max_new_tokens, batch_size), f, indent=2)
     with open(path) as f:
@@ -130,14 +205,16 @@ def load_thresholds(out_dir, model, tokenizer, run_config, max_new_tokens, batch
 def verdict_line(answer, thresholds):
     """The one line a person acts on."""
     name = verdict(answer, thresholds)
-    by_weight = ", ".join(f"{quoted(a['answer'])} {a['weight']:.2f}" for a in answer['distinct'])
+    by_weight = ", ".join(f"{quoted(a['answer'])} {a['probability']:.2f}" for a in answer['distinct'])
     if name == 'unfamiliar':
         return "unfamiliar: the members are unsure even of their own answers; the prompt looks unlike the training data"
     if name == 'contested':
-        return f"contested: the members take sides, as annotators do on a contested prompt; answers by weight: {by_weight}"
+        return (f"contested: the members take sides, as annotators do on a contested prompt; the members' answers "
+                f"by probability under the mixture: {by_weight}")
     if len(answer['distinct']) == 1:
         return "agree: every member gives this answer"
-    return f"agree: the members' answers differ, but less than on contested prompts; answers by weight: {by_weight}"
+    return (f"agree: the members' answers differ, but less than on contested prompts; the members' answers by "
+            f"probability under the mixture: {by_weight}")
 
 
 def quoted(text):
@@ -150,7 +227,8 @@ def print_answer(answer, thresholds, heading):
     print(f"{heading}: {quoted(answer['prompt'])}")
     for m, member in enumerate(answer['members']):
         print(f"  member {m}  weight {member['weight']:.2f}  {quoted(member['answer'])}")
-    print(f"  ensemble               {quoted(answer['answer'])}")
+    print(f"  ensemble  p {answer['probability']:.2f}  {quoted(answer['answer'])}  (greedy decoding of the mixture, "
+          "token by token: not always its most probable answer)")
     print(f"  epistemic {answer['epistemic']:.3f} nats; disagreement {answer['disagreement']:.3f} nats "
           f"(contested above {thresholds['contested']:.3f}); confidence {answer['confidence']:.3f} nats/token "
           f"(unfamiliar below {thresholds['unfamiliar']:.3f})")
@@ -160,7 +238,8 @@ def print_answer(answer, thresholds, heading):
 def json_line(answer, thresholds, sample):
     """One JSON object: what print_answer shows, with the verdict's name."""
     members = [dict(answer=m['answer'], weight=m['weight']) for m in answer['members']]
-    return json.dumps(dict(prompt=answer['prompt'], sample=sample, answer=answer['answer'], members=members,
+    return json.dumps(dict(prompt=answer['prompt'], sample=sample, answer=answer['answer'],
+                           probability=answer['probability'], members=members,
                            distinct=answer['distinct'], epistemic=answer['epistemic'],
                            disagreement=answer['disagreement'], confidence=answer['confidence'],
                            verdict=verdict(answer, thresholds)), ensure_ascii=False)

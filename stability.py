@@ -1,5 +1,7 @@
 """
-When does conflicting data split an alpha-Rényi ensemble? (METHOD.md §3)
+When does conflicting data split an alpha-Rényi ensemble? The local stability criterion
+(METHOD.md §3), and its check on toy problems where alpha* has a closed form or an exact
+autograd value.
 
 Put all M members at the collapsed optimum theta* and spread them a little,
 theta_m = theta* + eps * v_m with sum_m v_m = 0. To second order in eps the
@@ -10,44 +12,39 @@ per-example objective F = (1/N) sum_i l_alpha(x_i) - prior changes by
     J = -(1/N) sum_i H_i + Lambda I     observed information plus prior precision
     C =  (1/N) sum_i g_i g_i^T          second moment of per-example gradients
 
-with g_i, H_i the gradient and Hessian of log p(x_i | theta) at theta*. The
-collapsed ensemble is unstable (spread pays) iff alpha * lambda_max(J^-1 C) > 1:
+with g_i, H_i the gradient and Hessian of log p(x_i | theta) at theta*. The collapsed
+ensemble is unstable (spread pays) iff alpha * lambda_max(J^-1 C) > 1:
 
     alpha* = 1 / lambda_max(J^-1 C)
 
-This file holds the criterion and estimates alpha* for a trained LoRA adapter on its
-data, in the adapter's own parameters:
+The toys: for a log-likelihood with a few parameters, `stability_matrices` finds theta* by
+Newton's method and J, C from per-example autograd derivatives; `spread_growth` then trains M
+members from a tiny symmetric spread around theta* with the real loss (renyi_loss) at a grid of
+alpha, and the observed threshold is the smallest alpha whose spread grew.
 
-    python stability.py --sft_dir=out/sft_single           # a train_sft.py run with --n_members=1
-    python stability.py --sft_dir=out/sft_single --data=mine.jsonl
-    python stability.py                                    # the toy problems of stability_toys.py
+    python stability.py                      # the table, and two figures in out/stability/
 
-The adapter has tens of thousands of parameters, so J is never formed: the estimate
-works in the k leading principal directions of the per-example gradients and needs k
-Hessian-vector products (`estimate_critical_alpha`; why there, METHOD.md §3).
+experiments/alpha_star.py estimates alpha* of a trained LoRA adapter on its own data.
 """
 import math
 import os
 import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
-from torch.func import functional_call, grad, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.func import grad, hessian, vmap
 
-import data
-from checkpoint import load_ensemble, read_checkpoint
-from config import UserError, parse_args, run_script
-from lora import lora_parameters
-from renyi_lora import sequence_logprobs
+from config import parse_args, run_script
+from renyi_lora import prior_penalty, renyi_loss
 
 defaults = dict(
-    sft_dir='',             # a train_sft.py output directory holding ONE adapter (--n_members=1); '' runs the toys
-    data='',                # the rows to estimate on: '' the run's own training rows, or a JSONL file of SFT rows
-    n_directions=10,        # k: leading principal directions of the per-example gradients searched, per slice
-    batch_size=64,          # examples per forward pass
-    n_loadings=6,           # examples printed that load most on the leading direction, each way
-    device='cpu',
+    out_dir='out/stability',    # where the two figures go
 )
+DTYPE = torch.float64  # second-order effects of a 1e-4 spread are 1e-8: float32 cannot see them
+ALPHAS = [round(0.025 * k, 3) for k in range(1, 51)]  # the simulation grid, 0.025 .. 1.25
+N_STEPS = 100  # ascent steps per ensemble: enough to outgrow the decay of the stable directions
+TOLERANCE = 0.05  # target: |observed threshold - predicted alpha*| <= 0.05
 
 
 # -----------------------------------------------------------------------------
@@ -87,227 +84,312 @@ def second_order_change(information, gradient_moment, alpha, offsets):
 
 
 # -----------------------------------------------------------------------------
-# alpha* of a LoRA adapter: per-example gradients, Hessian-vector products, a k-dimensional pencil
+# the toy problems' J and C
 
-def per_example_gradients(model, batches):
-    """g_i = d log p(x_i | theta) / d theta for one adapter, every example: G (N, P), rows in batch order.
+@dataclass
+class Problem:
+    """A log-likelihood log p(x | theta) and a data set, with a Gaussian prior.
 
-    log p(x_i) is sequence_logprobs' summed response log-likelihood; theta is lora_parameters(model)
-    flattened in order. torch.func: functional_call of the model on one example, vmap(grad) over each
-    batch. Right-padding does not change an example's log-likelihood (causal attention).
+    log_lik(theta, example) -> scalar, theta: (D,); data: a tuple of tensors
+    whose leading axis (N) indexes examples, one example = one slice of each.
+    prior_precision is Lambda = weight / (N sigma_p^2) of METHOD.md §2.
     """
-    names = [name for name, _ in model.named_parameters() if name.endswith(('lora_A', 'lora_B'))]
-    values = {name: tensor.detach() for name, tensor in model.named_parameters() if name in names}
-
-    def log_likelihood(values, idx, labels):           # idx, labels: (T,) -> scalar
-        return sequence_logprobs(functional_call(model, values, (idx[None],)), labels[None]).sum()
-
-    per_batch = vmap(grad(log_likelihood), in_dims=(None, 0, 0))
-    with sdpa_kernel(SDPBackend.MATH):                  # vmap has no batching rule for the flash kernel
-        rows = [torch.cat([g.flatten(1) for g in per_batch(values, idx, labels).values()], 1)  # (B, P)
-                for idx, labels in batches]
-    return torch.cat(rows)
+    name: str
+    log_lik: Callable
+    data: tuple
+    n_params: int
+    prior_precision: float = 0.0
+    closed_form_alpha: Optional[float] = None
 
 
-def information_products(model, batches, directions):
-    """J_data u = -(1/N) sum_i H_i u for every column u of directions (P, k) -> (P, k), no prior.
+def collapsed_objective(problem, theta):
+    """(1/N) sum_i log p(x_i | theta) - (Lambda / 2) ||theta||^2: all members equal theta. (D,) -> scalar."""
+    log_liks = vmap(problem.log_lik, in_dims=(None, 0))(theta, problem.data)  # (N,)
+    return log_liks.mean() - 0.5 * problem.prior_precision * theta.pow(2).sum()
 
-    Per batch: one forward and first backward with create_graph, then one second backward per
-    direction (double backward). CPU flash attention has no double backward, hence the math kernel.
+
+def collapsed_optimum(problem, max_steps=50, tolerance=1e-12):
+    """theta* = argmax of `collapsed_objective`, by Newton's method from theta = 0. -> (D,)"""
+    theta = torch.zeros(problem.n_params, dtype=DTYPE)
+    for _ in range(max_steps):
+        gradient = grad(collapsed_objective, argnums=1)(problem, theta)
+        if gradient.norm() < tolerance:
+            return theta
+        theta = theta - torch.linalg.solve(hessian(collapsed_objective, argnums=1)(problem, theta), gradient)
+    raise RuntimeError(f"{problem.name}: Newton did not converge, |gradient| = {gradient.norm():.2e}")
+
+
+def stability_matrices(problem):
+    """theta*, J and C of METHOD.md §3 from per-example autograd derivatives.
+
+        J = -(1/N) sum_i H_i + Lambda I,   C = (1/N) sum_i g_i g_i^T
+
+    Returns theta* (D,), J (D, D), C (D, D). With a prior the mean gradient at
+    theta* is Lambda theta*, not zero, and C stays uncentred: the expansion
+    needs the second moment of g_i, not its covariance.
     """
-    params = lora_parameters(model)
-    n_examples = sum(len(idx) for idx, _ in batches)
-    products = torch.zeros_like(directions)
-    with sdpa_kernel(SDPBackend.MATH):
-        for idx, labels in batches:
-            nll = -sequence_logprobs(model(idx), labels).sum() / n_examples
-            flat = torch.cat([g.flatten() for g in torch.autograd.grad(nll, params, create_graph=True)])  # (P,)
-            for j in range(directions.shape[1]):
-                hessian_rows = torch.autograd.grad(flat, params, directions[:, j].to(flat.dtype), retain_graph=True)
-                products[:, j] += torch.cat([h.flatten() for h in hessian_rows]).to(products.dtype)
-    return products
+    theta_star = collapsed_optimum(problem)
+    gradients = vmap(grad(problem.log_lik), in_dims=(None, 0))(theta_star, problem.data)  # (N, D)
+    hessians = vmap(hessian(problem.log_lik), in_dims=(None, 0))(theta_star, problem.data)  # (N, D, D)
+    identity = torch.eye(problem.n_params, dtype=DTYPE)
+    information = -hessians.mean(0) + problem.prior_precision * identity
+    gradient_moment = gradients.T @ gradients / len(gradients)
+    return theta_star, information, gradient_moment
 
-
-def principal_directions(gradients, n_directions):
-    """The leading eigenvectors U (P, k) of C = G^T G / N and their eigenvalues (k,), from G (N, P).
-
-    Through the N x N Gram matrix G G^T / N: its eigenvector v with eigenvalue lambda gives C's
-    eigenvector G^T v / sqrt(N lambda). Only directions with lambda > 0 are kept, so k <= rank C.
-    """
-    n_examples = len(gradients)
-    eigenvalues, eigenvectors = torch.linalg.eigh(gradients @ gradients.T / n_examples)  # (N,), (N, N) ascending
-    eigenvalues, eigenvectors = eigenvalues.flip(0)[:n_directions], eigenvectors.flip(1)[:, :n_directions]
-    keep = eigenvalues > eigenvalues[0] * 1e-10
-    eigenvalues, eigenvectors = eigenvalues[keep], eigenvectors[:, keep]
-    directions = gradients.T @ eigenvectors / (n_examples * eigenvalues).sqrt()  # (P, k)
-    return directions, eigenvalues
-
-
-def estimate_critical_alpha(model, batches, prior_precision=0.0, n_directions=10):
-    """alpha* = 1 / mu_max of a GPT carrying one adapter on the examples of `batches`, at the adapter's
-    current values, with the spread restricted to the k leading principal directions of the per-example
-    gradients (METHOD.md §3):
-
-        U (P, k): top eigenvectors of C,   U^T C U y = mu U^T J U y,   J = J_data + Lambda I
-
-    U^T C U is diagonal (C's eigenvalues); U^T J U costs k Hessian-vector products. mu_max of the
-    k-dimensional pencil is a lower bound on lambda_max(J^-1 C) (Courant-Fischer), so alpha* is an
-    upper bound, exact once U holds the leading eigenvector of J^-1 C. batches: (idx, labels) pairs
-    as data.sft_batch makes them; the model in eval mode (dropout would make J random). Returns a dict:
-      alpha_star          1 / mu_max (inf when C = 0)
-      eigenvalues         mu of the pencil, largest first (k,)
-      alpha_star_by_k     {k': alpha*} on the first k' directions, k' = k/4, k/2, k: how the bound moves
-      alpha_star_centred  the same with C - gbar gbar^T, gbar = mean_i g_i: without the examples' mean pull,
-                          which dominates C away from a stationary point (the race of METHOD.md §3)
-      direction           the leading direction u = U y (P,), u^T J u = 1
-      loadings            g_i . u (N,): the first-order change of each example's log-likelihood along u
-      variance_captured   share of tr C in the k directions
-      information_range   (smallest, largest) eigenvalue of U^T J U
-      stationarity        |mean_i g_i - Lambda theta| / sqrt(tr C): 0 at a stationary point
-    ValueError when U^T J U is not positive definite (theta* is no maximum along U).
-    """
-    batches = list(batches)
-    gradients = per_example_gradients(model, batches).double()          # (N, P)
-    directions, moment_diagonal = principal_directions(gradients, n_directions)  # (P, k), (k,)
-    products = information_products(model, batches, directions) + prior_precision * directions  # J U: (P, k)
-    information = (directions.T @ products + products.T @ directions) / 2  # U^T J U, symmetrised: (k, k)
-    moment = torch.diag(moment_diagonal)                                # U^T C U: (k, k)
-    eigenvalues, pencil_vectors = generalized_eigen(moment, information)
-    n_kept = len(moment_diagonal)
-    by_k = {k: critical_alpha(information[:k, :k], moment[:k, :k]) for k in sorted({max(1, n_kept // 4),
-                                                                                    max(1, n_kept // 2), n_kept})}
-    leading = directions @ pencil_vectors[:, 0]                         # (P,)
-    mean_gradient = gradients.mean(0)                                   # gbar: (P,)
-    mean_pull = directions.T @ mean_gradient                            # U^T gbar: (k,)
-    theta = torch.cat([p.detach().flatten() for p in lora_parameters(model)]).double()
-    total_moment = gradients.pow(2).sum() / len(gradients)              # tr C
-    spectrum = torch.linalg.eigvalsh(information)
-    return dict(alpha_star=1.0 / eigenvalues[0].item() if eigenvalues[0] > 0 else math.inf,
-                eigenvalues=eigenvalues, alpha_star_by_k=by_k,
-                alpha_star_centred=critical_alpha(information, moment - torch.outer(mean_pull, mean_pull)),
-                direction=leading, loadings=gradients @ leading,
-                variance_captured=(moment_diagonal.sum() / total_moment).item(),
-                information_range=(spectrum[0].item(), spectrum[-1].item()),
-                stationarity=((mean_gradient - prior_precision * theta).norm() / total_moment.sqrt()).item())
 
 
 # -----------------------------------------------------------------------------
-# the command: alpha* per slice of a run's rows, and the alpha it recommends
+# the real objective, and gradient ascent on it
 
-def load_single_adapter(sft_dir, device):
-    """(model in eval mode, tokenizer, run config) of a train_sft.py run with one adapter; UserError otherwise.
+def member_log_liks(problem, thetas):
+    """log p(x_i | theta_m) for every member and example. thetas: (M, D) -> logp: (M, N)."""
+    per_example = vmap(problem.log_lik, in_dims=(None, 0))
+    return vmap(per_example, in_dims=(0, None))(thetas, problem.data)
 
-    An ensemble has no collapsed point to expand around: its members differ, and the mean of their A
-    and B is not the mean of their functions (the update B A is bilinear), so it is refused.
+
+def renyi_objective(problem, thetas, alphas):
+    """F = -(renyi_loss + prior_penalty), the per-example objective the members ascend.
+
+    thetas: (A, M, D), one independent ensemble per entry of `alphas` -> the sum
+    of their objectives (a scalar), so one backward pass trains them all.
+    prior_penalty's weight and sigma_p only enter through
+    Lambda = weight / (N sigma_p^2): weight = Lambda N, sigma_p = 1 give the
+    problem's prior precision. It sums ||theta||^2 over all ensembles at once.
     """
-    ckpt_path = os.path.join(sft_dir, 'ckpt.pt')
-    if not os.path.isfile(ckpt_path):
-        raise UserError(f"--sft_dir={sft_dir}: no ckpt.pt there: expected the output directory of train_sft.py")
-    ckpt = read_checkpoint(ckpt_path)
-    if 'sft_dir' in ckpt['config']:
-        raise UserError(f"--sft_dir={sft_dir} is a train_dpo.py run: alpha* here is that of the SFT log-likelihood")
-    n_members = ckpt['lora_config']['n_members']
-    if n_members != 1:
-        raise UserError(f"--sft_dir={sft_dir} holds {n_members} adapters: alpha* is measured where the members "
-                        "coincide, on one adapter; train one with `python train_sft.py --n_members=1 "
-                        "--out_dir=out/sft_single` and pass that")
-    model, tokenizer_name, run_config = load_ensemble(ckpt_path, 'cpu')
-    return model.eval().to(device), data.get_tokenizer(tokenizer_name), run_config
+    n_ensembles, n_members, _ = thetas.shape
+    logp = member_log_liks(problem, thetas.flatten(0, 1)).unflatten(0, (n_ensembles, n_members))  # (A, M, N)
+    n_train = logp.shape[-1]
+    prior = prior_penalty([thetas], n_train, n_members, weight=problem.prior_precision * n_train)
+    return -(sum(renyi_loss(logp[k], alpha) for k, alpha in enumerate(alphas)) + prior)
 
 
-def estimation_rows(config, run_config):
-    """--data's SFT rows, their kinds read from the data (data.mark_conflicts), or the run's training rows."""
-    if config['data']:
-        return data.mark_conflicts(data.load_sft_jsonl(config['data']))
-    return data.load_sft_rows(run_config['data'], run_config['val_data'], run_config['ood_data'],
-                              run_config['val_fraction'], run_config['seed'])[0]
+def ensemble_spread(thetas):
+    """s = sqrt( (1/M) sum_m ||theta_m - mean_m theta_m||^2 ). thetas: (..., M, D) -> (...)."""
+    return (thetas - thetas.mean(-2, keepdim=True)).pow(2).sum(-1).mean(-1).sqrt()
 
 
-def row_slices(rows):
-    """{name: row indices}: all rows, then each kind and each group ('all' aside) when rows differ in it."""
-    slices = {'all rows': list(range(len(rows)))}
-    for key in ('kind', 'group'):
-        for value in sorted({row.get(key) for row in rows} - {None, 'all'}):
-            indices = [i for i, row in enumerate(rows) if row.get(key) == value]
-            if len(indices) < len(rows):
-                slices[f"{key} {value}"] = indices
-    return slices
+def symmetric_offsets(n_members, n_params, spread, seed):
+    """Random offsets o_m with sum_m o_m = 0 and ensemble spread `spread`. -> (M, D)"""
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.randn(n_members, n_params, generator=generator, dtype=DTYPE)
+    offsets = offsets - offsets.mean(0)
+    return spread * offsets / ensemble_spread(offsets)
 
 
-def sorted_batches(encoded, indices, batch_size, pad_id, device):
-    """The examples `indices` ordered by length (less padding) -> (that order, [(idx, labels)])."""
-    order = sorted(indices, key=lambda i: len(encoded[i][0]))
-    batches = [tuple(t.to(device) for t in data.sft_batch(encoded, order[k:k + batch_size], pad_id))
-               for k in range(0, len(order), batch_size)]
-    return order, batches
+def spread_growth(problem, theta_star, information, alphas, n_members, n_steps=N_STEPS,
+                  initial_spread=1e-4, seed=0):
+    """Final / initial spread after preconditioned gradient ascent on F from theta* + tiny offsets.
+
+        theta_m <- theta_m + M J^-1 dF/dtheta_m      linearised: o_m <- alpha J^-1 C o_m
+
+    One independent ensemble per alpha, all from the same offsets. At collapse
+    each member receives 1/M of every gradient (uniform responsibilities), hence
+    the factor M. A fixed positive-definite preconditioner cannot move the
+    threshold (Sylvester's law of inertia), but J^-1 makes each direction grow
+    or decay by alpha * lambda_k(J^-1 C) per step, so one step count serves
+    every problem however J is scaled. Returns (len(alphas),).
+    """
+    offsets = symmetric_offsets(n_members, problem.n_params, initial_spread, seed)  # (M, D)
+    thetas = (theta_star + offsets).repeat(len(alphas), 1, 1).requires_grad_()  # (A, M, D)
+    preconditioner = n_members * torch.linalg.inv(information)  # (D, D), symmetric
+    for _ in range(n_steps):
+        (gradient,) = torch.autograd.grad(renyi_objective(problem, thetas, alphas), thetas)  # (A, M, D)
+        with torch.no_grad():
+            thetas += gradient @ preconditioner
+    return ensemble_spread(thetas.detach()) / initial_spread
 
 
-def slice_row(name, n_rows, result):
-    """One markdown row of the table."""
-    if 'error' in result:
-        return f"| {name} | {n_rows} | – | {result['error']} | | | | |"
-    eigenvalues = ' '.join(f"{mu:.3f}" for mu in result['eigenvalues'][:4].tolist())
-    by_k = ', '.join(f"{alpha:.3f}" for alpha in result['alpha_star_by_k'].values())
-    smallest, largest = result['information_range']
-    return (f"| {name} | {n_rows} | {result['alpha_star']:.3f} | {eigenvalues} | {by_k} | "
-            f"{result['variance_captured']:.2f} | {smallest:.3g} .. {largest:.3g} | {result['stationarity']:.3f} | "
-            f"{result['alpha_star_centred']:.3f} |")
+def observed_threshold(alphas, growth):
+    """The smallest alpha whose spread grew (final > initial); nan if none did.
+
+    It lies at or above alpha*: up to one grid step, plus the few alphas just
+    above alpha* whose slow growth has not yet made up for the initial decay of
+    the offsets' stable components.
+    """
+    grown = [alpha for alpha, factor in zip(alphas, growth.tolist()) if factor > 1]
+    return min(grown) if grown else math.nan
 
 
-def print_loadings(result, rows, n_loadings):
-    """The examples whose log-likelihood moves most along the leading direction, each way."""
-    loadings = result['loadings']
-    ranked = loadings.argsort(descending=True).tolist()
-    print(f"examples loading most on the leading direction u of all rows (g_i . u; + : favoured by theta* + eps u):")
-    for position in ranked[:n_loadings] + ranked[-n_loadings:]:
-        row = rows[result['order'][position]]
-        where = '/'.join(str(row.get(key)) for key in ('kind', 'group', 'task') if row.get(key))
-        print(f"  {loadings[position].item():+8.2f}  {where:<32} {row['prompt']!r} -> {row['response']!r}")
+# -----------------------------------------------------------------------------
+# toy problems
+
+def gaussian_log_lik(theta, example):
+    """log N(x; mu, 1) with theta = (mu,)."""
+    (x,) = example
+    return -0.5 * (x - theta[0]) ** 2 - 0.5 * math.log(2 * math.pi)
 
 
-def recommendation(results):
-    """The alpha to train with: twice alpha* of all rows (METHOD.md §3), with the kinds' thresholds around it."""
-    alpha_star = results['all rows'].get('alpha_star', math.nan)
-    lines = [f"recommended alpha: 2 alpha*(all rows) = {2 * alpha_star:.2f}, held at 0 and ramped as train_sft.py "
-             "does: there the leading spread grows as fast as a spread that does not pay (mu = 0) decays"]
-    conflicting, consistent = (results.get(f"kind {kind}", {}).get('alpha_star') for kind in ('conflicting', 'consistent'))
-    if conflicting is not None and consistent is not None:
-        lines.append(f"alpha above {conflicting:.2f} (conflicting rows) and below {consistent:.2f} (consistent rows) "
-                     "splits the one and keeps the other collapsed, each slice taken alone")
-    return '\n'.join(lines)
+def logistic_log_lik(theta, example):
+    """log p(y | features) = y log sigmoid(z) + (1 - y) log sigmoid(-z) = y z - softplus(z), z = features . theta."""
+    features, label = example
+    logit = features @ theta
+    return label * logit - torch.nn.functional.softplus(logit)
 
 
-def main(argv=None):
+def gaussian_clusters(separation, prior_precision=0.0, n_per_cluster=100):
+    """N(mu, 1) fitted to x = +-a + z: alpha* = (1 + Lambda) / (1 + a^2) in closed form.
+
+    z are standard-normal quantiles rescaled to mean 0 and mean square exactly 1,
+    the same z in both clusters, so the sample has mean 0 and mean square 1 + a^2
+    exactly (no sampling noise): then mu* = 0, J = 1 + Lambda, C = 1 + a^2.
+    """
+    levels = (torch.arange(n_per_cluster, dtype=DTYPE) + 0.5) / n_per_cluster
+    noise = torch.special.ndtri(levels)
+    noise = (noise - noise.mean()) / noise.pow(2).mean().sqrt()
+    x = torch.cat([separation + noise, -separation + noise])  # (N,)
+    name = f"gaussian a={separation:g}"
+    closed_form = (1 + prior_precision) / (1 + separation ** 2)
+    return Problem(name, gaussian_log_lik, (x,), 1, prior_precision, closed_form)
+
+
+def with_bias(inputs):
+    """Append a constant feature: (N, d) -> (N, d + 1)."""
+    return torch.cat([inputs, torch.ones(len(inputs), 1, dtype=DTYPE)], dim=1)
+
+
+def contradicting_logistic(n_train=500, prior_precision=0.0, seed=0):
+    """Logistic regression where annotators disagree on half of the input square.
+
+    x ~ U[-2, 2]^2. Labels follow y ~ Bernoulli(sigmoid(4 x_2)), except that for
+    x_1 > 0 each label is flipped with probability 1/2: there the labels
+    contradict each other. A linear logit cannot turn x_2 off on the right half,
+    so it keeps predicting from x_2 where the labels are a coin flip: there the
+    gradients vary more than the curvature accounts for, and C exceeds J.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    inputs = 4 * torch.rand(n_train, 2, generator=generator, dtype=DTYPE) - 2
+    labels = (torch.rand(n_train, generator=generator, dtype=DTYPE) < torch.sigmoid(4 * inputs[:, 1])).to(DTYPE)
+    flipped = (inputs[:, 0] > 0) & (torch.rand(n_train, generator=generator, dtype=DTYPE) < 0.5)
+    labels = torch.where(flipped, 1 - labels, labels)
+    return Problem("contradicting logistic", logistic_log_lik, (with_bias(inputs), labels), 3, prior_precision)
+
+
+def well_specified_logistic(n_train=2000, seed=0):
+    """The control: labels drawn from the model itself, so C ~= J and alpha* ~= 1.
+
+    x ~ N(0, I_2), y ~ Bernoulli(sigmoid(x_1 - x_2 + 0.5)). Sampling noise in C
+    puts alpha* slightly below 1, by O(sqrt(D / N)).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    features = with_bias(torch.randn(n_train, 2, generator=generator, dtype=DTYPE))
+    true_theta = torch.tensor([1.0, -1.0, 0.5], dtype=DTYPE)
+    labels = (torch.rand(n_train, generator=generator, dtype=DTYPE) < torch.sigmoid(features @ true_theta)).to(DTYPE)
+    return Problem("well-specified logistic", logistic_log_lik, (features, labels), 3)
+
+
+# -----------------------------------------------------------------------------
+# the experiment: table, spread plot, phase diagram
+
+def table_problems():
+    """The table's rows: closed-form Gaussians (a = 1, 2, then a = 2 with two priors), logistic regressions."""
+    return [gaussian_clusters(1.0), gaussian_clusters(2.0), gaussian_clusters(2.0, prior_precision=0.5),
+            gaussian_clusters(2.0, prior_precision=2.0), contradicting_logistic(),
+            contradicting_logistic(prior_precision=0.02), well_specified_logistic()]
+
+
+def run_problem(problem, members=(2, 4)):
+    """Predicted alpha* and, per ensemble size, the spread growth over ALPHAS and the observed threshold."""
+    theta_star, information, gradient_moment = stability_matrices(problem)
+    growth = {m: spread_growth(problem, theta_star, information, ALPHAS, m) for m in members}
+    observed = {m: observed_threshold(ALPHAS, growth[m]) for m in members}
+    return dict(problem=problem, predicted=critical_alpha(information, gradient_moment), growth=growth, observed=observed)
+
+
+def table_row(result):
+    """One markdown row: problem, Lambda, closed form, autograd alpha*, observed thresholds, agreement.
+
+    The agreement column also shows the largest observed - predicted difference.
+    """
+    problem, predicted, observed = result["problem"], result["predicted"], result["observed"]
+    closed_form = "-" if problem.closed_form_alpha is None else f"{problem.closed_form_alpha:.4f}"
+    differences = [threshold - predicted for threshold in observed.values()]
+    if any(math.isnan(difference) for difference in differences):
+        agreement = "no (no alpha grew)"
+    else:
+        worst = max(differences, key=abs)
+        agreement = f"{'yes' if abs(worst) <= TOLERANCE else 'no'} ({worst:+.3f})"
+    thresholds = " | ".join(f"{threshold:.3f}" for threshold in observed.values())
+    return f"| {problem.name} | {problem.prior_precision:g} | {closed_form} | {predicted:.4f} | {thresholds} | {agreement} |"
+
+
+def plot_spread(results, path, clip=1e6):
+    """Final / initial spread against alpha, one panel per problem, a dashed line at the predicted alpha*.
+
+    Spreads are clipped to [1/clip, clip]: below that the decay reaches float64
+    round-off, above it the members have settled into their split.
+    """
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for axis, result in zip(axes.flat, results):
+        for (n_members, growth), style in zip(result["growth"].items(), ["o-", ".-"]):  # hollow M=2 shows under M=4
+            axis.semilogy(ALPHAS, growth.clamp(1 / clip, clip), style, markerfacecolor="none", label=f"M = {n_members}")
+        axis.axhline(1.0, color="gray", lw=0.8)
+        axis.axvline(result["predicted"], color="k", ls="--")
+        axis.set(xlabel="alpha", ylabel="final / initial spread", ylim=(0.5 / clip, 2 * clip))
+        problem = result["problem"]
+        axis.set_title(f"{problem.name}, Lambda = {problem.prior_precision:g}\n"
+                       f"predicted alpha* = {result['predicted']:.3f} (dashed)", fontsize=10)
+        axis.legend(fontsize=8, loc="lower right")
+    axes.flat[-1].axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def gaussian_phase_diagram(separations, n_steps=30):
+    """log10(final / initial spread) over (a, alpha) for two members, and autograd alpha* per a.
+
+    The Gaussian problem has one parameter, so the spread moves along the
+    unstable direction from the first step and a few steps show the sign.
+    Returns (len(separations), len(ALPHAS)) and a list of alpha*.
+    """
+    rows, predicted = [], []
+    for separation in separations:
+        problem = gaussian_clusters(separation)
+        theta_star, information, gradient_moment = stability_matrices(problem)
+        rows.append(spread_growth(problem, theta_star, information, ALPHAS, 2, n_steps).log10())
+        predicted.append(critical_alpha(information, gradient_moment))
+    return torch.stack(rows), predicted
+
+
+def plot_phase(separations, log_growth, predicted, path, limit=4):
+    """The phase diagram with the curve alpha = 1 / (1 + a^2) and the autograd alpha* on top.
+
+    The colour scale stops at +-limit decades, about where split members settle
+    (spread ~ a / 1e-4), so growth and decay get equally strong colours.
+    """
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(7, 5))
+    image = axis.pcolormesh(ALPHAS, separations, log_growth, cmap="RdBu_r", vmin=-limit, vmax=limit, shading="nearest")
+    figure.colorbar(image, label="log10(final spread / initial spread), M = 2", extend="both")
+    fine = torch.linspace(min(separations), max(separations), 200)
+    axis.plot(1 / (1 + fine ** 2), fine, "k-", label="alpha = 1 / (1 + a^2)")
+    axis.plot(predicted, separations, "ko", markerfacecolor="none", label="autograd alpha*")
+    axis.set(xlabel="alpha", ylabel="cluster separation a", xlim=(0, max(ALPHAS)),
+             title="N(mu, 1) fitted to x = +-a + noise: red = members split")
+    axis.legend(loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv):
     config = parse_args(defaults, argv)
-    if not config['sft_dir']:
-        import stability_toys  # here, not at the top: the toys build on this module
-        return stability_toys.main()
-    if config['n_directions'] < 1 or config['batch_size'] < 1:
-        raise UserError("--n_directions and --batch_size must be >= 1")
+    torch.set_num_threads(1)  # tiny tensors: a second thread only adds overhead
     start = time.time()
-    model, tokenizer, run_config = load_single_adapter(config['sft_dir'], config['device'])
-    rows = estimation_rows(config, run_config)
-    encoded = data.encode_sft(rows, tokenizer, model.config.block_size, truncate=run_config.get('truncate', False))
-    prior_precision = run_config['prior_weight'] / (len(rows) * run_config['sigma_p'] ** 2)  # METHOD.md §2
-    n_params = sum(p.numel() for p in lora_parameters(model))
-    print(f"alpha* of the adapter in {config['sft_dir']} ({n_params} parameters) on {len(rows)} rows, "
-          f"k = {config['n_directions']} directions per slice, Lambda = {prior_precision:.3g}")
-    print("| rows | N | alpha* | top mu of J^-1 C | alpha* on k/4, k/2, k directions | tr C captured | "
-          "eigenvalues of U^T J U | stationarity | alpha*, C centred |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    results = {}
-    for name, indices in row_slices(rows).items():
-        order, batches = sorted_batches(encoded, indices, config['batch_size'], tokenizer.eot_token, config['device'])
-        try:
-            results[name] = estimate_critical_alpha(model, batches, prior_precision, config['n_directions'])
-        except ValueError as error:  # U^T J U not positive definite
-            results[name] = dict(error=str(error).split(':')[0])
-        results[name]['order'] = order
-        print(slice_row(name, len(indices), results[name]), flush=True)
-    if 'loadings' in results['all rows']:
-        print_loadings(results['all rows'], rows, config['n_loadings'])
-    print(recommendation(results))
-    print(f"{time.time() - start:.0f} s")
+    results = [run_problem(problem) for problem in table_problems()]
+    print("| problem | Lambda | closed form alpha* | autograd alpha* | observed M=2 | observed M=4 | within 0.05 |")
+    print("|---|---|---|---|---|---|---|")
+    for result in results:
+        print(table_row(result))
+    separations = [0.25 * k for k in range(13)]
+    log_growth, predicted = gaussian_phase_diagram(separations)
+    closed_form_error = max(abs(alpha - 1 / (1 + a ** 2)) for alpha, a in zip(predicted, separations))
+    print(f"gaussian, {len(separations)} separations a in [0, 3]: max |autograd alpha* - 1/(1+a^2)| = {closed_form_error:.1e}")
+    os.makedirs(config["out_dir"], exist_ok=True)
+    paths = [os.path.join(config["out_dir"], name) for name in ("spread.png", "phase.png")]
+    plot_spread(results, paths[0])
+    plot_phase(separations, log_growth, predicted, paths[1])
+    print(f"saved {paths[0]}, {paths[1]}; {len(ALPHAS)} alphas, {N_STEPS} steps per ensemble; "
+          f"{time.time() - start:.1f} s")
 
 
 if __name__ == "__main__":

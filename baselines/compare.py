@@ -8,11 +8,11 @@ The methods of the three source papers side by side: one benchmark split, one st
 Seven training runs make the nine rows; SWAG and MultiSWAG are read off other runs' iterates.
 Every run takes train_sft.py's defaults, including the α ramp (alpha_ramp_iters):
   MAP LoRA        one adapter (M = 1), its last iterate
-  SWAG            S draws from the Gaussian of the MAP run's iterates (swag.py), run as an S-member ensemble
+  SWAG            S draws from the Gaussian of the MAP run's iterates (baselines/swag.py), an S-member ensemble
   deep ensemble   M adapters, alpha = 0: each member fits every example on its own
   MultiSWAG       S / M draws from the Gaussian of each deep-ensemble member's iterates
   α-Rényi         M adapters, alpha = 0.5, 1 and 2 (train_sft.py's default α and ramp, on the schedule below)
-  UAL (data)      one adapter, label smoothing from each training row's `uncertainty`
+  UAL (data)      one adapter, label smoothing from each training row's `uncertainty` (baselines/ual.py)
   UAL (ensemble)  one adapter, label smoothing from the alpha = 1 ensemble's epistemic uncertainty
 Every run follows swag.swag_learning_rate: warm-up and cosine decay to swag_lr by the start of the
 last swag_fraction of the steps, then swag_lr held constant (where SWAG collects). Every row's plots
@@ -26,16 +26,18 @@ import time
 import torch
 
 import data
-import plots
 import train_sft
-from checkpoint import load_base
-from config import UserError, parse_args, run_script
-from evaluate import calibration, markdown_table, sft_report
-from lora import add_lora
+from baselines import ual
 from baselines.swag import SWAGCollector, sample_members, swag_learning_rate
-from verdict import answers_by_kind
+from config import UserError, parse_args, run_script
+from evaluate import calibration
+from experiments.common import markdown_table
+from lora import add_lora
+from plots import plt, reliability_diagram, sft_plots, uncertainty_histograms  # plt: with plots.py's Agg backend
+from report import sft_report
+from trainer import load_base
 
-defaults = train_sft.defaults | dict(
+defaults = train_sft.defaults | {key: ual.defaults[key] for key in ('ual_eps_min', 'ual_eps_max')} | dict(
     compare_dir='out/compare',
     swag_fraction=0.4,       # SWAG collects over this last share of max_iters, at the constant rate swag_lr
     swag_lr=1e-3,
@@ -43,7 +45,6 @@ defaults = train_sft.defaults | dict(
     swag_rank=20,            # K: deviations kept for the low-rank part of the covariance
     swag_scale=0.5,          # 0 would give SWA, the mean alone
     swag_samples=16,         # S: draws evaluated as one S-member ensemble (MultiSWAG: S / M from each member)
-    samples_per_prompt=16,   # coherence: sampled responses per conflicting prompt, split over the members
     methods='all',           # or a comma-separated subset of the names of compare.methods (ual_ensemble needs renyi_1)
 )
 
@@ -79,9 +80,8 @@ def selected_methods(config):
 
 
 def method_config(config, name, overrides):
-    """The train_sft config of one row: its own out_dir, and coherence samples split over its members."""
-    run = config | overrides | dict(out_dir=os.path.join(config['compare_dir'], name))
-    return run | dict(n_samples=max(1, config['samples_per_prompt'] // run['n_members']))
+    """The train_sft config of one row: its own out_dir."""
+    return config | overrides | dict(out_dir=os.path.join(config['compare_dir'], name))
 
 
 def table_metrics(test_rows, readouts):
@@ -112,10 +112,9 @@ def swag_row(name, run, source, swags, tokenizer, test_rows, ood_rows):
     swag_run = method_config(run, name, dict(n_members=model.n_members))
     os.makedirs(swag_run['out_dir'], exist_ok=True)
     history = torch.load(os.path.join(run['out_dir'], 'ckpt.pt'), weights_only=False)['history']
-    answers = answers_by_kind(model, tokenizer, test_rows, swag_run['max_new_tokens'], swag_run['batch_size'])
     report, readouts = sft_report(model, tokenizer, test_rows, ood_rows, swag_run['alpha'], swag_run['batch_size'],
-                                  swag_run['max_new_tokens'], swag_run['n_samples'], swag_run['seed'], answers)
-    plots.sft_plots(swag_run['out_dir'], history, report, readouts['by_kind'], readouts['scores'])
+                                  swag_run['max_new_tokens'], swag_run['seed'])
+    sft_plots(swag_run['out_dir'], history, report, readouts['by_kind'], readouts['scores'])
     report |= table_metrics(test_rows, readouts)
     return label, report, readouts
 
@@ -125,8 +124,7 @@ def compare(config):
     config = config | dict(swag_start=int(round((1 - config['swag_fraction']) * config['max_iters'])))
     chosen = selected_methods(config)
     os.makedirs(config['compare_dir'], exist_ok=True)
-    _, _, test_rows, ood_rows = data.load_sft_rows(config['data'], config['val_data'], config['ood_data'],
-                                                   config['val_fraction'], config['seed'])
+    _, _, test_rows, ood_rows = data.sft_rows_of(config)
     results = []                                                          # (label, report, readouts)
     for name, label, overrides in chosen:
         run = method_config(config, name, overrides)
@@ -134,7 +132,10 @@ def compare(config):
         # SWAG from the MAP run, MultiSWAG from the deep-ensemble run: their iterates, collected on the way
         collector = SWAGCollector(config['swag_start'], config['swag_every'], config['swag_rank']) if (
             name in SWAG_OF) else None
-        model, tokenizer, report, readouts = train_sft.train(run, swag_learning_rate, collector)
+        train = ual.train if 'ual_source' in overrides else train_sft.train
+        model, tokenizer, report, readouts = train(run, lr_schedule=swag_learning_rate, on_step=collector)
+        sft_plots(run['out_dir'], torch.load(os.path.join(run['out_dir'], 'ckpt.pt'), weights_only=False)['history'],
+                  report, readouts['by_kind'], readouts['scores'])
         report |= table_metrics(test_rows, readouts)
         results.append((label, report, readouts))
         if collector is not None:
@@ -147,8 +148,37 @@ def compare(config):
         f.write(markdown_table(rows, COLUMNS) + '\n')
     with open(os.path.join(config['compare_dir'], 'results.json'), 'w') as f:
         json.dump(dict(rows), f, indent=2)
-    plots.comparison_plots(config['compare_dir'], results)
+    comparison_plots(config['compare_dir'], results)
     return rows
+
+
+def comparison_plots(out_dir, results):
+    """Write reliability.png (every method) and uncertainty.png (methods with more than one member), side by side.
+
+    results: [(label, report, readouts)], report and readouts as filled by evaluate.sft_report.
+    A single adapter has no epistemic uncertainty (mutual information 0), so it gets no histogram.
+    """
+    def reliability(ax, label, report, readouts):
+        reliability_diagram(ax, readouts['scores']['token_confidence'], readouts['scores']['token_correct'])
+        ax.set_title(f"{label}\nECE {report['ece']:.3f}", fontsize=9)
+
+    def uncertainty(ax, label, report, readouts):
+        uncertainty_histograms(ax, readouts['by_kind'])
+        ax.set_title(label, fontsize=9)
+
+    ensembles = [result for result in results if result[1]['n_members'] > 1]
+    for name, draw, panels in (('reliability', reliability, results), ('uncertainty', uncertainty, ensembles)):
+        n_rows = -(-len(panels) // 4)                              # at most 4 panels a row, rows filled evenly
+        n_cols = -(-len(panels) // n_rows)
+        fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 3.4 * n_rows), squeeze=False)
+        for ax, panel in zip(axes.flat, panels):
+            draw(ax, *panel)
+            ax.xaxis.label.set_fontsize(8)
+        for ax in axes.flat[len(panels):]:
+            ax.axis('off')
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, f'{name}.png'), dpi=90)
+        plt.close(fig)
 
 
 def main(argv):

@@ -13,7 +13,7 @@ import os
 
 import train_sft
 from config import UserError, parse_args, run_script
-from evaluate import markdown_table
+from experiments.common import markdown_table
 
 COLUMNS = ('argmax_specialisation', 'auroc_conflict', 'auroc_ood', 'accuracy_consistent', 'coherence', 'nll', 'ece',
            'train_seconds')

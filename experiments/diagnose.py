@@ -16,7 +16,7 @@ the files it trained and was tested on:
             kind; and the AUROC of conflicting against consistent prompts ranked by the first
             token's disagreement (auroc_conflict_token_mixture ranks them by the mean over all tokens)
   disagree  the held-out prompts of --kind that the members disagree about most (whole answers,
-            verdict.disagreement), with every member's greedy answer, beside the conflicting
+            evaluate.disagreement), with every member's greedy answer, beside the conflicting
             prompts' range
 
 Reads only; writes nothing. RESULTS.md §9 quotes its output.
@@ -27,12 +27,11 @@ import torch
 
 import benchmark
 import data
-from checkpoint import load_ensemble
 from config import UserError, parse_args, run_script
-from evaluate import by_kind_of, held_out_batches, per_prompt_mean, score_rows
-from renyi_lora import auroc, mutual_information, responsibilities, responsibility_entropy
-from routing import routing_matrix, specialisation_by
-from verdict import answers_by_kind
+from evaluate import answers_by_kind, auroc, held_out_batches, score_rows
+from renyi_lora import mutual_information, responsibilities, responsibility_entropy
+from report import by_kind_of, per_prompt_mean, routing_matrix, specialisation_by
+from trainer import load_ensemble
 
 defaults = dict(
     run='out/sft',          # a train_sft.py out_dir (its ckpt.pt)
@@ -48,7 +47,7 @@ def sides(logp, rows):
     """{task: (soft specialisation, {group: [mean responsibility of each member]})} over the rows a group gave.
 
     logp: (M, N) log-likelihoods of rows. The responsibilities are the alpha = 1 posterior softmax_m(log p_m(x)),
-    as soft_specialisation uses. Tasks with a single group are left out (routing.specialisation_by).
+    as soft_specialisation uses. Tasks with a single group are left out (report.specialisation_by).
     """
     grouped = [i for i, row in enumerate(rows) if row.get('group') not in (None, benchmark.ALL)]
     groups, tasks = [rows[i]['group'] for i in grouped], [rows[i].get('task', '') for i in grouped]
@@ -101,8 +100,7 @@ def main(argv):
     model, tokenizer_name, run = load_ensemble(f"{config['run']}/ckpt.pt", config['device'])
     if 'sft_dir' in run:                     # only train_dpo.py's runs start from another run
         raise UserError(f"{config['run']} is a train_dpo.py run; diagnose.py reads train_sft.py runs")
-    train_rows, _, test_rows, _ = data.load_sft_rows(run['data'], run['val_data'], run.get('ood_data', ''),
-                                                     run.get('val_fraction', 0.1), run['seed'], run.get('corrupt', 0.0))
+    train_rows, _, test_rows, _ = data.sft_rows_of(run)
     kinds = sorted({row.get('kind', 'consistent') for row in test_rows})
     if config['kind'] not in kinds:
         raise UserError(f"kind {config['kind']!r}: the held-out rows of {config['run']} have {', '.join(kinds)}")

@@ -1,7 +1,7 @@
 """
 Do DPO members disagree more where annotators disagree? train_dpo.py from the SFT run of each seed at
 each alpha, and for every run the variance across members of the preference probability
-sigmoid(beta * h_m(x)) on the held-out pairs (METHOD.md §6, evaluate_dpo.preference_variance): its
+sigmoid(beta * h_m(x)) on the held-out pairs (METHOD.md §6, train_dpo.preference_variance): its
 mean over contested pairs, over consensus pairs, and the ratio of the two; the same ratio for the
 variance of the margins beta * h_m(x) themselves (margin_variance_ratio); and the report's
 auroc_contested and each group's best member accuracy.
@@ -20,18 +20,27 @@ is not trained again. Writes study_dir/results.json, study_dir/table.md and the 
 import json
 import os
 
+import matplotlib
+import numpy as np
 import torch
 
-import plots
 import train_dpo
-from config import UserError, parse_study_args, run_script
-from evaluate_dpo import pair_preference_variance
+from config import UserError, run_script
+from experiments.common import parse_study_args
 from renyi_lora import check_alpha
+from train_dpo import pair_preference_variance
 
-STUDY = dict(alphas='0.8,0,3', seeds='1337,1,2',
-             sft_dirs='out/seq/hold_seed{seed}',     # the SFT run each seed's DPO runs start from
-             study_dir='out/dpo_var', plot='assets/dpo_disagreement.png',
-             train=True)                             # --train=false: only tabulate the runs that have finished
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
+
+STUDY = dict(
+    alphas='0.8,0,3',       # the DPO runs' alphas, comma-separated
+    seeds='1337,1,2',
+    sft_dirs='out/seq/hold_seed{seed}',     # the SFT run each seed's DPO runs start from
+    study_dir='out/dpo_var',
+    plot='out/dpo_var/disagreement.png',
+    train=True,             # false: only tabulate the runs that have finished
+)
 
 # the train_dpo.py keys the study sets for every run, and the study's key to use instead
 PER_RUN = dict(alpha='--alphas', seed='--seeds', sft_dir='--sft_dirs', out_dir='--study_dir')
@@ -128,6 +137,41 @@ def table(rows):
     return '\n'.join(lines)
 
 
+def variance_boxes(ax, runs, ylabel):
+    """A box per run and kind of pair (contested beside consensus) of per-pair variances, on a log scale.
+
+    runs: [(label, {'contested': [variance per pair], 'consensus': [...]})]. A variance of 0 (members that agree
+    exactly) cannot sit on a log scale; it is drawn at 1e-12.
+    """
+    for offset, kind, colour in ((-0.18, 'contested', 'C3'), (0.18, 'consensus', 'C0')):
+        values = [np.maximum(variances[kind], 1e-12) for _, variances in runs]
+        positions = np.arange(len(runs)) + offset
+        boxes = ax.boxplot(values, positions=positions, widths=0.3, whis=(5, 95), showfliers=False, patch_artist=True)
+        plt.setp(boxes['boxes'], facecolor=colour, alpha=0.4)
+        for position, run_values in zip(positions, values):
+            ax.plot(np.full(len(run_values), position), run_values, '.', color=colour, ms=2, alpha=0.5)
+        means = [np.mean(v) if len(v) else np.nan for v in values]                # a run without such pairs: no mean
+        ax.plot(positions, means, 'D', color=colour, ms=5, label=f'{kind} (diamond: mean)')
+    ax.set_yscale('log')
+    ax.set_xticks(range(len(runs)), [label for label, _ in runs], fontsize=8)
+    ax.set_ylabel(ylabel)
+
+
+def disagreement_plot(path, panels):
+    """Write to path one variance_boxes panel per (ylabel, runs) of panels, stacked: the members' disagreement per
+    held-out pair. Boxes: quartiles; whiskers: 5th to 95th percentile; dots: the pairs."""
+    n_runs = len(panels[0][1])
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.1 * n_runs), 3.4 * len(panels)), squeeze=False)
+    for ax, (ylabel, runs) in zip(axes[:, 0], panels):
+        variance_boxes(ax, runs, ylabel)
+    axes[0, 0].set_title("members' disagreement per held-out pair (box: quartiles, whiskers: 5-95%)", fontsize=10)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv):
     study, config = parse_study_args(STUDY, train_dpo.defaults, argv)
     for key, instead in PER_RUN.items():
@@ -152,7 +196,7 @@ def main(argv):
         json.dump(rows, f, indent=2)
     with open(os.path.join(study['study_dir'], 'table.md'), 'w') as f:
         f.write(text + '\n')
-    plots.disagreement_plot(study['plot'], [('Var over members of sigmoid(beta * h)', probability_runs),
+    disagreement_plot(study['plot'], [('Var over members of sigmoid(beta * h)', probability_runs),
                                             ('Var over members of beta * h', margin_runs)])
     print(text + f"\nwrote {study['study_dir']}/table.md, {study['study_dir']}/results.json and {study['plot']}")
 

@@ -27,18 +27,22 @@ import os
 
 import torch
 
-from experiments import conflict_sets
 import data
-from experiments import robustness
 import train_dpo
 import train_sft
-from config import UserError, parse_seeds, parse_study_args, run_script
+from config import UserError, run_script
+from experiments import conflict_sets, robustness
+from experiments.common import parse_seeds, parse_study_args
 
 SETS = [name for name, knobs in conflict_sets.FAMILY.items() if knobs['convention'] != 'shared']
-STUDY = dict(sets=','.join(name for name in SETS if name != 'large_2000'), seeds='1337', variants='default',
-             study_dir='out/robustness',
-             prefix='dpo',  # runs go to <set>/<prefix>_<variant>_seed<S>: a new prefix for other train_dpo.py keys
-             train=True)    # --train=false: only tabulate the runs that have finished
+STUDY = dict(
+    sets=','.join(name for name in SETS if name != 'large_2000'),   # sets with contested pairs, comma-separated
+    seeds='1337',
+    variants='default',     # robustness.py's SFT variants the DPO runs start from
+    study_dir='out/robustness',
+    prefix='dpo',           # runs go to <set>/<prefix>_<variant>_seed<S>: a new prefix for other train_dpo.py keys
+    train=True,             # false: only tabulate the runs that have finished
+)
 
 
 def write_pairs(name, study_dir):

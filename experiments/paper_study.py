@@ -7,7 +7,7 @@ read from the runs' reports (RESULTS.md, "The paper's operating point"):
               members split the tasks), starved members, NLL, accuracy, AUROCs
     by_single accuracy on the held-out prompts the single adapter (same seed) got right and on
               those it got wrong (claim b: the gains sit on the prompts it got wrong)
-    noise     with a share of the consistent training responses made wrong (--corrupt): the
+    noise     with a share of the consistent training responses made wrong (benchmark.py --corrupt): the
               clean held-out accuracy of the ensemble and of its best member, and how the
               corrupted rows' responsibility spreads over the members against the clean rows'
               (claim c: the responsibilities keep wrong labels on few members)
@@ -20,13 +20,15 @@ read from the runs' reports (RESULTS.md, "The paper's operating point"):
 
 Runs live in study_dir/<variant>_seed<seed> and study_dir/noise<share>_<variant>_seed<seed>; a
 run whose report.json exists is not trained again, and an older report is evaluated again
-from its checkpoint (train_sft.finished_report). Writes study_dir/tables.md.
+from its checkpoint (common.finished_report). Writes study_dir/tables.md.
 """
 import os
 
+import benchmark
+import data
 import train_sft
-from config import UserError, parse_study_args, run_script
-from evaluate import markdown_table
+from config import UserError, run_script
+from experiments.common import finished_report, markdown_table, parse_study_args
 
 # train_sft.py overrides of each variant
 VARIANTS = {
@@ -36,13 +38,29 @@ VARIANTS = {
     'paper': dict(n_members=8, alpha=0.8, alpha_ramp_iters=0, alpha_hold_iters=0),
     'paper_ramp': dict(n_members=8, alpha=0.8),                        # the default's hold and ramp, to 0.8
 }
-STUDY = dict(variants=','.join(VARIANTS), seeds='1337,1,2', noise='0.2', noise_seeds='1337',
-             study_dir='out/paper', train=True)  # --train=false: only tabulate the runs that have finished
+STUDY = dict(
+    variants=','.join(VARIANTS),    # keys of VARIANTS, comma-separated
+    seeds='1337,1,2',
+    noise='0.2',            # shares of label noise (benchmark.corrupt_responses), each a run per variant and noise seed
+    noise_seeds='1337',
+    study_dir='out/paper',
+    train=True,             # false: only tabulate the runs that have finished
+)
 
 
 def run_dir(study_dir, variant, seed, noise=0.0):
     """study_dir/<variant>_seed<seed>, or noise<share>_<variant>_seed<seed> with label noise."""
     return os.path.join(study_dir, (f'noise{noise}_' if noise else '') + f'{variant}_seed{seed}')
+
+
+def noise_files(study_dir, share):
+    """The benchmark with a share of its consistent training responses made wrong, written as JSONL (as
+    `python benchmark.py --corrupt=share` does): the train_sft.py keys that train on it and test on its test split."""
+    splits, paths = benchmark.make_benchmark(seed=0, corrupt=share), {}
+    for key, split in (('data', 'sft_train'), ('val_data', 'sft_test'), ('ood_data', 'ood')):
+        paths[key] = os.path.join(study_dir, 'data', f'noise{share}', f'{split}.jsonl')
+        data.write_jsonl(splits[split], paths[key])
+    return paths
 
 
 def setting_row(report):
@@ -125,8 +143,10 @@ def main(argv):
     reports = {}
     for variant, seed, noise in runs:
         out_dir = run_dir(study['study_dir'], variant, seed, noise)
-        run_config = config | VARIANTS[variant] | dict(seed=seed, corrupt=noise, out_dir=out_dir)
-        report = train_sft.finished_report(run_config, study['train'])
+        run_config = config | VARIANTS[variant] | dict(seed=seed, out_dir=out_dir)
+        if noise:
+            run_config |= noise_files(study['study_dir'], noise)
+        report = finished_report(run_config, study['train'])
         if report is not None:
             reports[variant, seed, noise] = report
     text = tables(reports)

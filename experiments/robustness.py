@@ -30,10 +30,11 @@ study_dir/over_seeds.md (each set and variant averaged over its seeds).
 import json
 import os
 
-from experiments import conflict_sets
 import data
 import train_sft
-from config import UserError, parse_seeds, parse_study_args, run_script
+from config import UserError, run_script
+from experiments import conflict_sets
+from experiments.common import finished_report, parse_seeds, parse_study_args
 
 # Each variant is a set of train_sft.py overrides; 'single' is the reference every variant is compared with.
 VARIANTS = {
@@ -42,12 +43,15 @@ VARIANTS = {
     'single': dict(n_members=1),
     'alpha_1': dict(alpha=1.0),
     'alpha_0': dict(alpha=0.0),
-    'floor': dict(routing_floor=0.1),
-    'revive': dict(revive_interval=50),
 }
-STUDY = dict(sets='all', seeds='1337,1,2', variants='default', study_dir='out/robustness',
-             train=True,         # --train=false: only tabulate the runs that have finished
-             reevaluate=False)   # --reevaluate=true: evaluate finished runs again from their checkpoints
+STUDY = dict(
+    sets='all',             # sets of conflict_sets.FAMILY, comma-separated
+    seeds='1337,1,2',
+    variants='default',     # keys of VARIANTS, comma-separated; 'single' runs beside every one of them
+    study_dir='out/robustness',
+    train=True,             # false: only tabulate the runs that have finished
+    reevaluate=False,       # true: evaluate finished runs again from their checkpoints
+)
 
 
 def write_set(name, study_dir):
@@ -61,11 +65,11 @@ def write_set(name, study_dir):
 
 
 def run(config, name, seed, variant, study_dir, train=True, reevaluate=False):
-    """The report of one (set, seed, variant) run (train_sft.finished_report; None: not run, not trained)."""
+    """The report of one (set, seed, variant) run (common.finished_report; None: not run, not trained)."""
     train_path, test_path = write_set(name, study_dir)
     out_dir = os.path.join(study_dir, name, f'{variant}_seed{seed}')
     run_config = config | VARIANTS[variant] | dict(data=train_path, val_data=test_path, out_dir=out_dir, seed=seed)
-    return train_sft.finished_report(run_config, train, reevaluate)
+    return finished_report(run_config, train, reevaluate)
 
 
 def row(name, seed, variant, report, single):

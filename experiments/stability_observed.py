@@ -5,7 +5,7 @@ The stability criterion's prediction against what training does, on the LoRA ens
     python -m experiments.stability_observed --onset=true                    # the default ramped SFT run: when does it split?
 
 Fixed alpha: the M = 1 adapter of sft_dir is theta*. For every M and alpha of the grid, M members
-start at theta* plus a small symmetric spread (lora.clone_member on pairs, so the mean stays at
+start at theta* plus a small symmetric spread (clone_member on pairs, so the mean stays at
 theta*) and ascend the alpha-Rényi objective (renyi_loss + prior_penalty, as train_sft.py) by plain
 gradient steps of size learning_rate * M (at collapse each member gets 1/M of every gradient):
 linearised, the offsets then grow as exp(learning_rate * t * (alpha C - J)), and a positive-definite
@@ -24,11 +24,11 @@ import torch
 
 import data
 import train_sft
-from checkpoint import load_base, load_ensemble
 from config import parse_args, run_script
-from lora import add_lora, clone_member, lora_parameters
+from lora import add_lora, lora_parameters
 from renyi_lora import alpha_at, prior_penalty, renyi_loss, sequence_logprobs
-from stability_toys import observed_threshold
+from stability import observed_threshold
+from trainer import load_base, load_ensemble
 
 defaults = dict(
     sft_dir='out/sft_single',   # the M = 1 run whose adapter is theta*
@@ -37,7 +37,7 @@ defaults = dict(
     n_steps=200,
     learning_rate=0.005,    # plain gradient steps of lr = learning_rate * M: at collapse a member gets 1/M of each
                             # example's gradient, so every M then moves alike; 0.005 * 74 (J's top eigenvalue) < 2
-    spread=1e-3,            # the symmetric perturbation, relative to each adapter tensor's std (lora.clone_member)
+    spread=1e-3,            # the symmetric perturbation, relative to each adapter tensor's std (clone_member)
     batch_size=32,
     n_eval=128,             # training rows (seeded choice) on which the spread is measured
     eval_interval=25,
@@ -46,9 +46,26 @@ defaults = dict(
     onset_interval=10,
     out_json='out/stability_observed.json',     # the grid's spreads; the onset's go to ..._onset.json
     alpha_star=0.0,         # the estimate (python stability.py --sft_dir=...), drawn when > 0
-    plot='assets/stability_lora.png',           # drawn once both json files exist
+    plot='out/stability_lora.png',              # drawn once both json files exist
     seed=1337,
 )
+
+
+@torch.no_grad()
+def clone_member(model, source, target, spread, generator=None):
+    """Overwrite member `target` with member `source`, then push the two apart symmetrically:
+
+        theta_source <- theta_source - delta,   theta_target <- theta_source + delta,
+        delta = spread * std(tensor) * z,  z ~ N(0, I), for each adapter tensor
+
+    The pair's mean stays at the source, where the stability criterion (METHOD.md §3) decides
+    whether the spread grows (the source's examples conflict) or decays (they do not).
+    """
+    for p in lora_parameters(model):
+        delta = spread * p[source].std() * torch.randn(p[source].shape, generator=generator).to(p.device)
+        p[target] = p[source] + delta
+        p[source] -= delta
+
 
 
 def member_spread(model, batch):
@@ -83,7 +100,7 @@ def spread_history(config, run_config, theta_star, encoded, eot, n_members, alph
     for step in range(1, config['n_steps'] + 1):
         idx, labels = data.sft_batch(encoded, next(batches), eot)
         loss = renyi_loss(sequence_logprobs(model(idx), labels), alpha) + prior_penalty(
-            params, len(encoded), n_members, run_config['sigma_p'], run_config['prior_weight'])
+            params, len(encoded), n_members, run_config['sigma_p'])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -97,8 +114,7 @@ def fixed_alpha_grid(config):
     single, tokenizer_name, run_config = load_ensemble(os.path.join(config['sft_dir'], 'ckpt.pt'))
     theta_star = [p.detach().clone() for p in lora_parameters(single)]
     tokenizer = data.get_tokenizer(tokenizer_name)
-    rows = data.load_sft_rows(run_config['data'], run_config['val_data'], run_config['ood_data'],
-                              run_config['val_fraction'], run_config['seed'])[0]
+    rows = data.sft_rows_of(run_config)[0]
     encoded = data.encode_sft(rows, tokenizer, single.config.block_size)
     alphas = [float(a) for a in config['alphas'].split(',')]
     results = {}

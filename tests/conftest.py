@@ -26,7 +26,7 @@ def tiny_base(tmp_path_factory):
     """The path of a tiny pretrained base checkpoint, made once for the whole test session."""
     root = tmp_path_factory.mktemp("base")
     text_path = root / "text.txt"
-    text_path.write_text(benchmark.pretrain_text(seed=0, n_documents=300), encoding="utf-8")
+    text_path.write_text(pretrain.pretrain_text(seed=0, n_documents=300), encoding="utf-8")
     pretrain.pretrain(pretrain.defaults | TINY_BASE | dict(data=str(text_path), out_path=str(root / "base.pt")))
     return str(root / "base.pt")
 

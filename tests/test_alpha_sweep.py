@@ -1,6 +1,6 @@
-"""sweep_sft: the run list and the Markdown table of reports."""
+"""alpha_sweep: the run list and the Markdown table of reports."""
 from experiments import alpha_sweep
-from evaluate import markdown_table
+from experiments.common import markdown_table
 
 
 def report(value, seconds):

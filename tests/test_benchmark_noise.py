@@ -1,5 +1,6 @@
-"""Label noise on the benchmark (benchmark.corrupt_responses) and the report keys that trace it
-(routing.noise_routing, routing.task_routing), each against a slow plain-Python reference."""
+"""Label noise on the benchmark (benchmark.corrupt_responses), the files `python benchmark.py --corrupt`
+writes, and the report keys that trace it (report.noise_routing, report.task_routing), each against a
+slow plain-Python reference."""
 import json
 import math
 
@@ -8,8 +9,7 @@ import torch
 
 import benchmark
 import data
-import routing
-import train_sft
+import report
 from config import UserError
 
 
@@ -54,12 +54,21 @@ def test_corrupt_outside_zero_one_is_refused(share):
         benchmark.make_benchmark(seed=0, corrupt=share)
 
 
-def test_train_sft_refuses_corrupt_with_a_user_file_before_any_work(tmp_path):
-    path = tmp_path / "mine.jsonl"
-    data.write_jsonl([dict(prompt="Q: hi\nA:", response=" hello")] * 4, str(path))
-    config = train_sft.defaults | dict(data=str(path), corrupt=0.2, base=str(tmp_path / "absent.pt"))
-    with pytest.raises(UserError, match="--corrupt adds label noise to the built-in benchmark only"):
-        train_sft.read_inputs(config)
+def test_written_noisy_benchmark_loads_back_as_the_rows_it_was_made_of(tmp_path, clean_and_noisy):
+    """`python benchmark.py --corrupt=0.2` then train_sft.py on its files trains on the rows that
+    make_benchmark(corrupt=0.2) makes in memory: kinds and corrupted flags included."""
+    benchmark.main([f"--out_dir={tmp_path}", "--corrupt=0.2"])
+    train, val, test, ood = data.load_sft_rows(str(tmp_path / "sft_train.jsonl"), str(tmp_path / "sft_test.jsonl"),
+                                               str(tmp_path / "ood.jsonl"))
+    _, noisy = clean_and_noisy
+    for loaded, made in ((train, noisy["sft_train"]), (test, noisy["sft_test"]), (ood, noisy["ood"])):
+        assert len(loaded) == len(made)
+        for row, original in zip(loaded, made):
+            expected = original | dict(corrupted=original.get("corrupted", False))
+            assert {key: row[key] for key in expected} == expected
+    assert val is test
+    assert sum(row["corrupted"] for row in train) == sum(row.get("corrupted", False) for row in noisy["sft_train"]) > 0
+    assert {row["kind"] for row in train} == {"consistent", "conflicting", "high_entropy"}   # as written, not re-read
 
 
 def slow_spread(logp, alpha, columns):
@@ -80,11 +89,11 @@ def test_noise_routing_against_a_plain_python_loop():
     rows = [dict(kind="consistent", corrupted=True), dict(kind="consistent"), dict(kind="conflicting"),
             dict(kind="consistent", corrupted=True), dict(kind="consistent")]
     for alpha in (0.0, 0.8, 2.0):
-        result = routing.noise_routing(torch.tensor(logp, dtype=torch.float64), alpha, rows)
+        result = report.noise_routing(torch.tensor(logp, dtype=torch.float64), alpha, rows)
         for name, columns in (("corrupted", [0, 3]), ("clean", [1, 4])):
             expected = slow_spread(logp, alpha, columns)
             assert result[name] == pytest.approx(expected, abs=1e-9)
-    assert routing.noise_routing(torch.tensor(logp, dtype=torch.float64), 1.0, [dict(kind="consistent")] * 5) is None
+    assert report.noise_routing(torch.tensor(logp, dtype=torch.float64), 1.0, [dict(kind="consistent")] * 5) is None
 
 
 def test_task_routing_and_specialisation_against_a_plain_python_loop():
@@ -93,7 +102,7 @@ def test_task_routing_and_specialisation_against_a_plain_python_loop():
             dict(kind="conflicting", task="sum_card"), dict(kind="consistent", task="add"),
             dict(kind="high_entropy", task="name"), dict(kind="ood", task="legs")]
     agreed, tasks = [0, 1, 3, 4], ["add", "name", "add", "name"]
-    result = routing.task_routing(torch.tensor(logp, dtype=torch.float64), 2.0, rows)
+    result = report.task_routing(torch.tensor(logp, dtype=torch.float64), 2.0, rows)
     for task in ("add", "name"):
         columns = [i for i, t in zip(agreed, tasks) if t == task]
         for m in range(2):
@@ -110,5 +119,5 @@ def test_task_routing_and_specialisation_against_a_plain_python_loop():
     h_task = -sum(p * math.log(p) for p in p_task.values())
     h_task_given_member = -sum(p * math.log(p / p_member[m]) for (_, m), p in joint.items())
     assert result["task_specialisation"] == pytest.approx(1 - h_task_given_member / h_task, abs=1e-9)
-    assert routing.task_routing(torch.tensor(logp, dtype=torch.float64), 2.0, [dict(kind="conflicting")] * 6) == dict(
+    assert report.task_routing(torch.tensor(logp, dtype=torch.float64), 2.0, [dict(kind="conflicting")] * 6) == dict(
         task_routing=None, task_specialisation=None)

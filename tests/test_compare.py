@@ -1,4 +1,4 @@
-"""compare.py end to end on a tiny base (n_layer=2, n_embd=32) and a few steps per method, checked
+"""baselines/compare.py end to end on a tiny base (n_layer=2, n_embd=32) and a few steps per method, checked
 against what each row must be: the closed-form metrics of a single adapter, the NLL of the saved MAP
 adapter recomputed on its own, and UAL's label smoothing from the data and from the saved ensemble."""
 import json
@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 
-from baselines import compare
 import data
-import train_sft
-from checkpoint import load_base
+from baselines import compare, ual
 from config import UserError
 from evaluate import score_rows
 from lora import load_adapters
+from trainer import load_base
 
 LABELS = ["MAP LoRA (M=1)", "SWAG (S=4, from MAP)", "deep ensemble (M=2, α=0)", "MultiSWAG (2×2, from deep ens.)",
           "α-Rényi (M=2, α=0.5)", "α-Rényi (M=2, α=1)",
@@ -28,7 +27,7 @@ def run(tmp_path_factory, tiny_base):
         base=tiny_base, compare_dir=str(root / "out"), n_members=2, lora_rank=2, max_iters=8, alpha_hold_iters=2,
         alpha_ramp_iters=4,
         batch_size=8, learning_rate=1e-2, warmup_iters=2, log_interval=8, eval_interval=8, swag_fraction=0.5,
-        swag_every=1, swag_rank=3, swag_samples=4, samples_per_prompt=2, max_new_tokens=3, device="cpu", seed=0)
+        swag_every=1, swag_rank=3, swag_samples=4, max_new_tokens=3, device="cpu", seed=0)
     rows = compare.compare(config)
     return config, rows, root / "out"
 
@@ -66,13 +65,11 @@ def test_single_adapter_rows_have_no_epistemic_uncertainty(run):
 
 
 def training_rows(config):
-    return data.load_sft_rows(config["data"], config["val_data"], config["ood_data"], config["val_fraction"],
-                              config["seed"])[0]
+    return data.sft_rows_of(config)[0]
 
 
 def held_out_rows(config):
-    return data.load_sft_rows(config["data"], config["val_data"], config["ood_data"], config["val_fraction"],
-                              config["seed"])[2]
+    return data.sft_rows_of(config)[2]
 
 
 def test_high_entropy_nll_matches_the_saved_map_adapter_scored_alone(run):
@@ -105,19 +102,17 @@ def test_sequence_nll_of_the_saved_ensemble_by_a_python_loop(run):
 def test_ual_smoothing_from_the_data_and_from_the_alpha_one_ensemble(run):
     config, _, out = run
     train_rows = training_rows(config)
-    tokenizer = data.get_tokenizer()
     eps_min, eps_max = config["ual_eps_min"], config["ual_eps_max"]
-    from_data = train_sft.ual_label_smoothing(config | dict(ual_source="data"), train_rows, tokenizer)
+    from_data = ual.label_smoothing(config | dict(ual_source="data"))
     expected = torch.tensor([eps_min + (eps_max - eps_min) * row["uncertainty"] for row in train_rows])
     torch.testing.assert_close(from_data, expected)
     assert from_data.unique().numel() > 2                       # consistent, conflicting and high-entropy differ
     teacher = str(out / "renyi_1" / "ckpt.pt")
-    from_ensemble = train_sft.ual_label_smoothing(config | dict(ual_source="ensemble", ual_teacher=teacher),
-                                                  train_rows, tokenizer)
+    from_ensemble = ual.label_smoothing(config | dict(ual_source="ensemble", ual_teacher=teacher))
     assert from_ensemble.shape == (len(train_rows),)
     assert from_ensemble.min().item() == pytest.approx(eps_min) and from_ensemble.max().item() == pytest.approx(eps_max)
     with pytest.raises(ValueError, match="ual_source must be"):     # before any output exists
-        train_sft.train(config | dict(ual_source="llm", out_dir=str(out / "never")))
+        ual.train(config | dict(ual_source="llm", out_dir=str(out / "never")))
     assert not (out / "never").exists()
 
 

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from config import UserError, parse_args, parse_study_args
+from config import parse_args
 
 DEFAULTS = dict(max_iters=100, learning_rate=1e-3, compile=False, out_dir="out", init_from=None)
 
@@ -40,11 +40,3 @@ def test_value_may_contain_equals_sign():
 def test_errors_name_the_key_or_value(arg, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_args(DEFAULTS, [arg])
-
-
-def test_study_args_split_the_studys_keys_from_the_runs():
-    study, run = parse_study_args(dict(seeds='1', train=True), dict(alpha=2.0, n_members=4),
-                                  ['--alpha=0.5', '--seeds=1,2', '--train=false'])
-    assert study == dict(seeds='1,2', train=False) and run == dict(alpha=0.5, n_members=4)
-    with pytest.raises(UserError, match='nope'):
-        parse_study_args(dict(seeds='1'), dict(alpha=2.0), ['--nope=3'])

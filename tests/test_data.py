@@ -7,7 +7,6 @@ import pytest
 import tiktoken
 import torch
 
-import benchmark
 import data
 from config import UserError
 
@@ -94,27 +93,6 @@ def test_unknown_tokenizer_name_is_rejected():
         data.get_tokenizer("gpt-2")
 
 
-def test_train_bpe_merges_most_frequent_pairs_first():
-    # pieces "ab" x1 and " ab" x2: (a, b) occurs 3 times -> rank 256; then (" ", ab) twice -> rank 257
-    ranks = data.train_bpe("ab ab ab", vocab_size=259)
-    assert ranks == {bytes([b]): b for b in range(256)} | {b"ab": 256, b" ab": 257}
-
-
-def test_train_bpe_ranks_round_trip_through_file_and_tiktoken(tmp_path):
-    text = "\n".join(benchmark.fact_sentences()[:300])
-    ranks = data.train_bpe(text, vocab_size=320)
-    assert len(ranks) == 319 and sorted(ranks.values()) == list(range(319))
-    path = str(tmp_path / "ranks.tiktoken")
-    data.save_ranks(ranks, path)
-    assert data.load_ranks(path) == ranks
-    tokenizer = tiktoken.Encoding(name="tiny", pat_str=data.PATTERN, mergeable_ranks=ranks,
-                                  special_tokens={data.EOT: len(ranks)})
-    for sample in [text, UNICODE_TEXTS[1], UNICODE_TEXTS[3]]:
-        ids = tokenizer.encode_ordinary(sample)
-        assert tokenizer.decode(ids) == sample
-    assert len(tokenizer.encode_ordinary(text)) < 0.6 * len(text.encode("utf-8"))  # 63 merges nearly halve it
-
-
 # ---------------------------------------------------------------------------
 # split_by_prompt and mark_conflicts on a user's rows
 
@@ -154,8 +132,20 @@ def test_mark_conflicts_iff_more_than_one_distinct_response():
     assert [row["kind"] for row in rows] == ["conflicting"] * 2 + ["consistent"] * 10
 
 
+def test_mark_conflicts_keeps_a_kind_the_row_already_has():
+    rows = user_rows()
+    rows[0]["kind"] = rows[1]["kind"] = "high_entropy"            # two answers, both acceptable: not a conflict
+    assert [row["kind"] for row in data.mark_conflicts(rows)] == ["high_entropy"] * 2 + ["consistent"] * 10
+
+
+def test_mark_contested_iff_the_swapped_pair_occurs_unless_the_pair_has_a_kind():
+    pairs = [dict(prompt="p", chosen=" a", rejected=" b"), dict(prompt="p", chosen="b ", rejected=" a"),
+             dict(prompt="q", chosen=" a", rejected=" b"), dict(prompt="r", chosen=" a", rejected=" b", kind="contested")]
+    assert [row["kind"] for row in data.mark_contested(pairs)] == ["contested", "contested", "consensus", "contested"]
+
+
 def test_mark_conflicts_recovers_the_benchmarks_conflicts(bench):
-    rows = data.mark_conflicts([dict(row) for row in bench["sft_train"]])
+    rows = data.mark_conflicts([dict(row, kind=None) for row in bench["sft_train"]])     # kinds from the data alone
     for row, original in zip(rows, bench["sft_train"]):
         # a high-entropy prompt's sampled answers differ too, so from the data alone it looks conflicting
         expected = "consistent" if original["kind"] == "consistent" else "conflicting"
@@ -237,6 +227,9 @@ SFT_ERRORS = [  # (lines, line number of the error, message after "FILE:LINE: ")
     (['{"prompt": "a", "response": "b", "uncertainty": -0.1}'], 1, "field 'uncertainty' is -0.1, outside [0, 1]"),
     (['{"prompt": "a", "response": "b", "uncertainty": "low"}'], 1, "field 'uncertainty' must be a number, got str"),
     (['{"prompt": "a", "response": "b", "uncertainty": true}'], 1, "field 'uncertainty' must be a number, got bool"),
+    ([GOOD_SFT, '{"prompt": "a", "response": "b", "kind": "contested"}'], 2,
+     "field 'kind' is 'contested', expected one of 'consistent', 'conflicting', 'high_entropy', 'ood'"),
+    (['{"prompt": "a", "response": "b", "corrupted": "yes"}'], 1, "field 'corrupted' is 'yes', expected one of True, False"),
     ([], 1, "empty file"),
     (["", "  "], 1, "empty file"),
 ]
@@ -247,6 +240,8 @@ PREF_ERRORS = [
     (['{"prompt": "a", "chosen": "", "rejected": " x"}'], 1, "field 'chosen' is empty"),
     (['{"prompt": "a", "chosen": 1, "rejected": " x"}'], 1, "field 'chosen' must be a string, got int"),
     (["", GOOD_PREF, "{not json"], 3, "invalid JSON"),
+    ([GOOD_PREF, '{"prompt": "a", "chosen": " x", "rejected": " y", "kind": "conflicting"}'], 2,
+     "field 'kind' is 'conflicting', expected one of 'contested', 'consensus'"),
     ([], 1, "empty file"),
 ]
 
@@ -266,15 +261,17 @@ def test_sft_loader_reads_rows_and_accepts_completion(tmp_path):
     path = write_lines(tmp_path, [GOOD_SFT, "",
                                   '{"prompt": "Q", "completion": " A", "task": "t", "group": "g", "uncertainty": 1}'])
     assert data.load_sft_jsonl(path) == [
-        dict(prompt="Q: hi\nA:", response=" hello", task=None, group=None, uncertainty=None, source=f"{path}:1"),
-        dict(prompt="Q", response=" A", task="t", group="g", uncertainty=1.0, source=f"{path}:3"),
+        dict(prompt="Q: hi\nA:", response=" hello", task=None, group=None, uncertainty=None, kind=None, corrupted=False,
+             source=f"{path}:1"),
+        dict(prompt="Q", response=" A", task="t", group="g", uncertainty=1.0, kind=None, corrupted=False,
+             source=f"{path}:3"),
     ]
 
 
 def test_pref_loader_reads_rows(tmp_path):
     path = write_lines(tmp_path, [GOOD_PREF])
     assert data.load_pref_jsonl(path) == [
-        dict(prompt="Q: hi\nA:", chosen=" hello", rejected=" bye", task=None, group=None, source=f"{path}:1")]
+        dict(prompt="Q: hi\nA:", chosen=" hello", rejected=" bye", task=None, group=None, kind=None, source=f"{path}:1")]
 
 
 def test_benchmark_rows_survive_write_and_load(tmp_path, bench):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import data
-from experiments import diagnose
+from experiments import common, diagnose
 import train_sft
 from config import UserError
 from evaluate import score_rows
@@ -46,13 +46,13 @@ def run(tmp_path_factory, tiny_base):
     config = train_sft.defaults | dict(base=tiny_base, data=str(root / 'train.jsonl'), val_data=str(root / 'train.jsonl'),
                                        out_dir=str(root / 'sft'), n_members=2, lora_rank=4, max_iters=10, batch_size=4,
                                        alpha_ramp_iters=0, alpha_hold_iters=0, warmup_iters=2, log_interval=1000,
-                                       eval_interval=1000, n_samples=1, max_new_tokens=3, seed=0, device='cpu')
+                                       eval_interval=1000, max_new_tokens=3, seed=0, device='cpu')
     train_sft.train(config)
     return config
 
 
 def test_first_and_rest_add_up_to_the_reports_summed_disagreement(run):
-    """first + rest * (n - 1) is the epistemic uncertainty summed over the response (evaluate.score_batches)."""
+    """first + rest * (n - 1) is the equal-weight epistemic uncertainty summed over the response (evaluate.score_batches)."""
     model, tokenizer_name, _ = diagnose.load_ensemble(f"{run['out_dir']}/ckpt.pt")
     model.eval()
     tokenizer = data.get_tokenizer(tokenizer_name)
@@ -62,7 +62,7 @@ def test_first_and_rest_add_up_to_the_reports_summed_disagreement(run):
         scores = score_rows(model, tokenizer, [row], 1)                      # one row at a time
         n = scores['n_tokens'].item()
         summed = first[i] + (rest[i] * (n - 1) if n > 1 else 0.0)
-        assert summed == pytest.approx(scores['epistemic'].item(), rel=1e-4, abs=1e-6)
+        assert summed == pytest.approx(scores['epistemic_token'].item(), rel=1e-4, abs=1e-6)
     # "first" is the first response token: the members' disagreement about what follows the prompt alone
     for i, row in enumerate(rows):
         ids = torch.tensor([[tokenizer.eot_token] + tokenizer.encode_ordinary(row['prompt'])])
@@ -77,7 +77,7 @@ def test_first_and_rest_add_up_to_the_reports_summed_disagreement(run):
 def test_a_run_is_diagnosed_and_its_task_split_matches_the_report(run, capsys):
     diagnose.main([f"--run={run['out_dir']}", '--top=2', '--max_new_tokens=3', '--device=cpu'])
     out = capsys.readouterr().out
-    report = train_sft.finished_report(run, may_train=False)
+    report = common.finished_report(run, may_train=False)
     lines = out.splitlines()
     assert lines[0].startswith('sides:') and lines[1].startswith(f"  (no task): {report['per_task_specialisation']:.2f}")
     assert any(line.startswith('sharing:') for line in lines) and 'consistent:' in out and 'conflicting:' in out

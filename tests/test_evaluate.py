@@ -1,4 +1,4 @@
-"""evaluate.py's routing measures against hand-computed values and a plain-Python loop."""
+"""report.py's routing measures and evaluate.py's scores against hand-computed values and plain-Python loops."""
 import math
 import random
 
@@ -7,8 +7,9 @@ import torch
 
 import data
 import evaluate
+import report
 from evaluate import score_batches
-from routing import member_shares, soft_specialisation, specialisation_within, starved_members
+from report import member_shares, soft_specialisation, specialisation_within, starved_members
 from test_model import TINY, tiny_ensemble
 
 
@@ -49,6 +50,16 @@ def test_soft_specialisation_ends_and_a_slow_loop():
                                                                             rel=1e-6)
 
 
+def test_soft_specialisation_of_a_member_whose_weight_underflows_everywhere_is_that_of_the_others():
+    """A member 800 nats behind on every row gets posterior weight exactly 0 (exp(-800) underflows in float64):
+    its joint probabilities are 0, and terms of zero probability contribute 0, not 0 / 0."""
+    logp = torch.tensor([[0.0, -2.0, -1.0, -3.0], [-1.0, 0.0, -2.5, 0.0]], dtype=torch.float64)
+    groups = ["a", "b", "a", "b"]
+    behind = torch.cat([logp, torch.full((1, 4), -800.0, dtype=torch.float64)])
+    assert torch.softmax(behind, 0)[2].max().item() == 0.0
+    assert soft_specialisation(behind, groups) == pytest.approx(soft_specialisation(logp, groups), rel=1e-12)
+
+
 def test_specialisation_within_sees_splits_whose_sides_change_between_prompts():
     """Prompt p: member 0 explains group a, member 1 group b; prompt q: the other way round."""
     sure, never = 0.0, -1e4
@@ -75,11 +86,6 @@ def test_member_shares_and_starved_members():
     shares = member_shares(logp, 1.0)
     expected = [(1 + 0.5 + 1 / 3) / 3, (0.5 + 1 / 3) / 3, (1 / 3) / 3]              # to 1e-13 (e^-30)
     assert shares.tolist() == pytest.approx(expected, rel=1e-9)
-    # length-normalised routing: the third example's 2 tokens halve its log-likelihoods before the softmax
-    halved = member_shares(logp, 1.0, torch.tensor([1, 1, 2]))
-    assert halved.tolist() == pytest.approx(expected, rel=1e-9)   # that example's members tie, halved or not
-    assert member_shares(logp, 1.0, torch.tensor([30, 1, 1]))[1].item() == pytest.approx(
-        (math.exp(-1) / (1 + 2 * math.exp(-1)) + 0.5 + 1 / 3) / 3, rel=1e-9)   # [0, -30, -30] / 30
     assert starved_members(torch.tensor([0.9, 0.05, 0.05])) == [1, 2]                # below 0.25 / 3
     assert starved_members(torch.tensor([0.5, 0.3, 0.2])) == []
     assert starved_members(torch.tensor([1.0])) == []                                 # one adapter cannot starve
@@ -99,7 +105,7 @@ def test_score_batches_mixtures_token_by_token_against_a_slow_loop():
     labels = idx.clone()
     labels[0, :3], labels[1, :5] = -100, -100                                  # prompts of 3 and 5 tokens
     scores = score_batches(model, [(idx, labels)])
-    assert (scores['epistemic_sequence'] - scores['epistemic']).abs().min() > 0.05
+    assert (scores['epistemic'] - scores['epistemic_token']).abs().min() > 0.05
     logprobs = model(idx).detach().double().log_softmax(-1)                    # (M, B, T, V)
     expected_sequence, expected_token, expected_information = [], [], []
     entropy = lambda p: -sum(q * math.log(q) for q in p.tolist() if q > 0)
@@ -117,7 +123,7 @@ def test_score_batches_mixtures_token_by_token_against_a_slow_loop():
             information += entropy(weights @ next_token) - sum(w * entropy(p) for w, p in zip(weights, next_token))
             prefix += member_probs.log()
         expected_information.append(information)
-    torch.testing.assert_close(scores['epistemic_sequence'].double(),
+    torch.testing.assert_close(scores['epistemic'].double(),
                                torch.tensor(expected_information, dtype=torch.float64), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(scores['token_true_prob'].double(), torch.tensor(expected_sequence, dtype=torch.float64),
                                rtol=1e-5, atol=1e-7)
@@ -165,14 +171,14 @@ def test_kind_aurocs_against_pairwise_counts():
     epistemic = dict(conflicting=[0.9, 0.4], consistent=[0.1, 0.5, 0.2], high_entropy=[0.6, 0.3])
     aleatoric = dict(conflicting=[0.2, 0.3], consistent=[0.1], high_entropy=[0.9, 0.3])
     disagreement = dict(conflicting=[1.0, 0.7], consistent=[0.0, 0.0, 0.7], high_entropy=[0.1, 0.2])
-    aurocs = evaluate.epistemic_aurocs(epistemic) | evaluate.answer_aurocs(aleatoric, disagreement)
+    aurocs = report.epistemic_aurocs(epistemic) | report.answer_aurocs(aleatoric, disagreement)
     assert aurocs['auroc_conflict'] == pytest.approx(pairwise([0.9, 0.4], [0.1, 0.5, 0.2]))            # 4/6
     assert aurocs['auroc_conflict_answers'] == pytest.approx(pairwise([1.0, 0.7], [0.0, 0.0, 0.7]))   # 5.5/6
     assert aurocs['auroc_conflict_vs_ambiguous'] == pytest.approx(0.75)
     assert aurocs['auroc_conflict_vs_ambiguous_answers'] == pytest.approx(1.0)
     assert aurocs['auroc_ambiguous_aleatoric'] == pytest.approx(pairwise([0.9, 0.3], [0.2, 0.3]))     # 3.5/4
-    assert evaluate.answer_aurocs(aleatoric, {})['auroc_conflict_answers'] is None
-    suffixed = evaluate.epistemic_aurocs(dict(conflicting=[0.9]), '_token_mixture')
+    assert report.answer_aurocs(aleatoric, {})['auroc_conflict_answers'] is None
+    suffixed = report.epistemic_aurocs(dict(conflicting=[0.9]), '_token_mixture')
     assert suffixed == dict(auroc_conflict_token_mixture=None, auroc_conflict_vs_ambiguous_token_mixture=None)
 
 
@@ -185,7 +191,7 @@ def test_answer_readouts_hand_case():
     answers = dict(consistent=[dict(prompt='q1', answer=' a', members=member(' a', ' c'), disagreement=0.3),
                                dict(prompt='q2', answer=' c', members=member(' b', ' b'), disagreement=0.0)],
                    conflicting=[dict(prompt='q3', answer=' y', members=member(' x', ' y'), disagreement=0.6)])
-    readouts = evaluate.answer_readouts(answers, rows)
+    readouts = report.answer_readouts(answers, rows)
     assert readouts['member_accuracy'] == [1.0, 0.5]
     assert readouts['greedy_correct'] == {'q1': 1, 'q2': 0, 'q3': 1}      # either group's answer counts on q3
     assert readouts['disagreement'] == {'q1': 0.3, 'q2': 0.0, 'q3': 0.6}

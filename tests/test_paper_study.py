@@ -60,7 +60,7 @@ def test_tiny_study_trains_its_runs_once_and_tabulates_them(tiny_base, tmp_path,
     Two members instead of eight keep the test fast; the variant's other keys are the preset's."""
     monkeypatch.setitem(paper_study.VARIANTS, 'paper', paper_study.VARIANTS['paper'] | dict(n_members=2))
     argv = [f"--base={tiny_base}", "--variants=paper", "--seeds=1", "--noise=0.2", "--noise_seeds=1",
-            "--max_iters=2", "--eval_interval=2", "--lora_rank=2", "--batch_size=8", "--n_samples=1",
+            "--max_iters=2", "--eval_interval=2", "--lora_rank=2", "--batch_size=8",
             "--max_new_tokens=2", "--device=cpu", f"--study_dir={tmp_path}"]
     paper_study.main(argv)
     text = (tmp_path / 'tables.md').read_text()

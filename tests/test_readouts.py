@@ -1,11 +1,12 @@
-"""Tests for renyi_lora.py's read-outs (the entropies, AUROC, ECE): against a pure-Python
+"""Tests for the read-outs (renyi_lora.py's entropies, evaluate.py's AUROC and ECE): against a pure-Python
 loop or a number worked out by hand."""
 import math
 
 import pytest
 import torch
 
-from renyi_lora import auroc, ece, expected_entropy, mutual_information, predictive_entropy
+from evaluate import auroc, ece
+from renyi_lora import expected_entropy, mutual_information, predictive_entropy
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The edges a user meets (RESULTS.md §12): every mistake of theirs ends in one line `error: ...` with exit
+"""The edges a user meets: every mistake of theirs ends in one line `error: ...` with exit
 status 2 before any expensive work, --help prints the commented defaults, a non-finite loss never reaches a
 checkpoint, a run killed with SIGKILL leaves a loadable one, and a Hugging Face GPT-2 directory is a base."""
 import importlib
@@ -17,10 +17,11 @@ import data
 import sample
 import train_dpo
 import train_sft
-from checkpoint import base_config, base_fingerprint, load_base, load_ensemble, read_checkpoint, save_checkpoint
+from baselines import ual
 from config import UserError, run_script
 from lora import add_lora
 from test_model import write_hf_checkpoint
+from trainer import base_config, base_fingerprint, load_base, load_ensemble, read_checkpoint, save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = [dict(prompt=f"Q: What is {a} plus {b}?\nA:", response=f" {a + b}") for a in range(4) for b in range(3)]
@@ -69,7 +70,6 @@ def expect_one_error_line(capsys, message):
     (["--lora_rank=0"], "--lora_rank=0: must be > 0"),
     (["--device=gpu"], "--device=gpu: not a torch device"),
     (["--device=cuda"], "--device=cuda: CUDA is not available"),
-    (["--tokenizer=gpt2"], "--tokenizer=gpt2: the base {base} uses tokenizer renyi-bpe"),
     (["--base={root}/none.pt"], "--base={root}/none.pt not found: expected a checkpoint of pretrain.py"),
     (["--base={root}/base_truncated.pt"], "{root}/base_truncated.pt is not a checkpoint torch can read"),
     (["--resume=true", "--out_dir={root}/empty"], "{root}/empty/ckpt.pt not found, so there is nothing to resume"),
@@ -78,8 +78,6 @@ def expect_one_error_line(capsys, message):
      "{root}/run/ckpt.pt holds adapters with lora_rank=4, this run's lora_rank is 8"),
     (["--resume=true", "--out_dir={root}/other_base", "--n_members=2", "--lora_rank=4", "--lora_alpha=8"],
      "{root}/other_base/ckpt.pt holds adapters trained on another base model"),
-    (["--ual_source=ensemble", "--ual_teacher={base}", "--n_members=1"],
-     "{base} is not a checkpoint of train_sft.py or train_dpo.py (it has no 'adapters')"),
     (["--learning_rate=1e9", "--max_iters=5"], "training stopped and no checkpoint was written yet"),
 ])
 def test_each_mistake_ends_in_one_error_line_and_status_2(files, capsys, args, message):
@@ -89,6 +87,19 @@ def test_each_mistake_ends_in_one_error_line_and_status_2(files, capsys, args, m
     argv = [f"--data={root}/sft.jsonl", f"--base={files['base']}", f"--out_dir={root}/never", "--device=cpu",
             "--batch_size=4"] + [a.format(root=root, base=files["base"]) for a in args]
     refused(train_sft.main, argv)
+    expect_one_error_line(capsys, message.format(root=root, base=files["base"]))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ual_source=ensemble", "--ual_teacher={base}"],
+     "{base} is not a checkpoint of train_sft.py or train_dpo.py (it has no 'adapters')"),
+    (["--ual_source=llm"], "ual_source must be 'data' or 'ensemble', got 'llm'"),
+    (["--ual_source=data", "--data={root}/sft.jsonl"], "--ual_source=data: "),
+])
+def test_ual_mistakes_end_in_one_error_line(files, capsys, args, message):
+    root = files["root"]
+    argv = [f"--base={files['base']}", f"--out_dir={root}/never", "--device=cpu"]
+    refused(ual.main, argv + [a.format(root=root, base=files["base"]) for a in args])
     expect_one_error_line(capsys, message.format(root=root, base=files["base"]))
 
 
@@ -113,7 +124,6 @@ def test_dpo_mistakes_end_in_one_error_line(files, capsys, args, message):
     (["--resume=true"], "out/sft/ckpt.pt not found, so there is nothing to resume"),
     (["--resume=true", "--out_dir=run", "--n_members=2", "--lora_rank=4", "--lora_alpha=8"],
      "--base=out/base.pt does not exist (yet), so the adapters of run/ckpt.pt"),
-    (["--ual_source=ensemble"], "out/sft/ckpt.pt not found: expected a checkpoint of train_sft.py"),
 ])
 def test_without_a_base_every_input_is_refused_in_seconds_before_pretraining(files, capsys, monkeypatch, tmp_path,
                                                                             args, message):
@@ -130,19 +140,31 @@ def test_without_a_base_every_input_is_refused_in_seconds_before_pretraining(fil
     assert not os.path.exists("out/base.pt")
 
 
-@pytest.mark.parametrize("module", ["train_sft", "train_dpo", "pretrain", "sample", "bench", "compare", "sweep_sft",
-                                    "benchmark", "conflict_sets"])
+SCRIPTS = ["train_sft", "train_dpo", "pretrain", "sample", "plots", "stability", "benchmark", "baselines.compare",
+           "baselines.ual"] + [f"experiments.{name}" for name in (
+               "alpha_star", "alpha_sweep", "conflict_sets", "diagnose", "dpo_disagreement", "dpo_robustness",
+               "long_study", "paper_study", "robustness", "stability_observed", "throughput")]
+
+
+@pytest.mark.parametrize("module", SCRIPTS)
 def test_help_prints_the_docstring_and_the_commented_defaults(capsys, module):
+    """What `python [-m] <module> --help` prints: the script's docstring, then its own keys with their comments."""
     script = importlib.import_module(module)
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--out_dir=x", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    defaults = getattr(script, "defaults", None) or script.DEFAULTS
+    defaults = next(getattr(script, name) for name in ("STUDY", "defaults", "DEFAULTS") if hasattr(script, name))
     assert out.startswith(script.__doc__.strip().splitlines()[0])
-    own_keys = [key for key in defaults if not (module in ("compare", "sweep_sft") and key in train_sft.defaults)]
-    assert all(re.search(rf"^\s+{key}=", out, re.MULTILINE) for key in own_keys)
-    assert out.count("  # ") >= 2                                               # with their comments
+    inherited = set(train_sft.defaults) | set(ual.defaults) if module.startswith(("baselines", "experiments.alpha")) else ()
+    assert all(re.search(rf"\b{key}=", out) for key in defaults if key not in inherited)
+    assert out.count("  # ") >= 1                                               # with their comments
+
+
+def test_a_study_answers_help_by_its_documented_command():
+    result = subprocess.run([sys.executable, "-m", "experiments.robustness", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("Does a default survive data it was not tuned on?")
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(files, tmp_path):
@@ -190,7 +212,7 @@ def test_a_hugging_face_gpt2_directory_is_a_base(files, tmp_path, capsys):
     assert (hf_tokenizer_name, base_fingerprint(hf_base)) == (tokenizer_name, base_fingerprint(base))
     train_sft.train(train_sft.defaults | dict(
         base=str(tmp_path / "hf"), data=str(files["root"] / "sft.jsonl"), out_dir=str(tmp_path / "sft"), n_members=2,
-        lora_rank=4, max_iters=2, batch_size=4, eval_interval=2, n_samples=1, max_new_tokens=2, device="cpu"))
+        lora_rank=4, max_iters=2, batch_size=4, eval_interval=2, max_new_tokens=2, device="cpu"))
     capsys.readouterr()
     sample.main([f"--out_dir={tmp_path / 'sft'}", "--prompt=Q: What is 1 plus 1?\\nA:", "--json=true",
                  "--max_new_tokens=2", "--device=cpu"])

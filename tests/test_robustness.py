@@ -74,7 +74,7 @@ def test_help_lists_the_study_keys(capsys):
         robustness.main(['--help'])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert 'STUDY = dict(sets=' in out and 'Does a default survive' in out
+    assert 'STUDY = dict(' in out and "sets='all'" in out and 'Does a default survive' in out
 
 
 def test_over_seeds_averages_each_set_and_variant_and_spreads_the_single_adapter():

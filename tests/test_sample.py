@@ -1,6 +1,6 @@
-"""verdict.py against hand-computed numbers and slow loops, and sample.py's command line on a tiny
-random ensemble: the JSON lines, thresholds fitted on the validation prompts of an older run, and a
-one-line error with exit status 2 for each bad input."""
+"""The members' answers (evaluate.py) and the verdict (sample.py) against hand-computed numbers and slow loops,
+and sample.py's command line on a tiny random ensemble: the JSON lines, thresholds fitted on the validation
+prompts the first time a run is sampled, and a one-line error with exit status 2 for each bad input."""
 import dataclasses
 import json
 import math
@@ -15,12 +15,12 @@ import data
 import sample
 import train_dpo
 import train_sft
-from checkpoint import save_checkpoint
 from config import run_script
+from evaluate import answer_labels, answer_prompts, disagreement, distinct_answers
 from lora import add_lora
 from model import GPT, GPTConfig
-from verdict import (answer_labels, answer_prompts, best_split, disagreement, distinct_answers, fit_thresholds,
-                     verdict)
+from sample import best_split, fit_thresholds, verdict
+from trainer import save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONSISTENT = [("What is 2 plus 2?", " 4"), ("What is 3 plus 1?", " 4"), ("What sound does a cow make?", " moo"),
@@ -52,6 +52,8 @@ def test_distinct_answers_and_disagreement_by_hand():
     # weight(a) = sum_k p_k(a) / sum_a' sum_k p_k(a') = 1.1 / 1.9, weight(b) = 0.8 / 1.9
     assert [a["answer"] for a in answers] == [" a", " b"] and [a["members"] for a in answers] == [[0, 2], [1]]
     assert [a["weight"] for a in answers] == pytest.approx([1.1 / 1.9, 0.8 / 1.9], rel=1e-6)
+    # probability(a) = (1/M) sum_k p_k(a): what the mixture gives the whole answer
+    assert [a["probability"] for a in answers] == pytest.approx([1.1 / 3, 0.8 / 3], rel=1e-6)
     # q_k = p_k over {a, b}, renormalised; disagreement = H(mean_k q_k) - mean_k H(q_k)
     q = [[0.5 / 0.6, 0.1 / 0.6], [0.2 / 0.8, 0.6 / 0.8], [0.4 / 0.5, 0.1 / 0.5]]
     entropy = lambda dist: -sum(x * math.log(x) for x in dist)
@@ -170,6 +172,7 @@ def test_answer_prompts_match_a_slow_loop(eot_bias):
         logp, probs = slow_answer_logp(model, prompt_ids, ensemble)
         weights = [m["weight"] for m in answer["members"]]
         assert weights == pytest.approx(torch.softmax(logp, 0).tolist(), abs=1e-5) and sum(weights) == pytest.approx(1)
+        assert answer["probability"] == pytest.approx(logp.exp().mean().item(), rel=1e-4)    # (1/M) sum_m p_m(answer)
         assert answer["epistemic"] == pytest.approx(slow_epistemic(probs, ensemble)[0], abs=1e-5)
         # confidence: mean over members of the per-token log-likelihood of their own answer
         own = [slow_answer_logp(model, prompt_ids, ids)[0][m].item() / len(ids) for m, ids in enumerate(members)]
@@ -180,6 +183,7 @@ def test_answer_prompts_match_a_slow_loop(eot_bias):
         mixture = {text: slow_answer_logp(model, prompt_ids, ids)[0].exp().mean().item() for text, ids in zip(texts, members)}
         assert {a["answer"]: a["weight"] for a in answer["distinct"]} == pytest.approx(
             {text: p / sum(mixture.values()) for text, p in mixture.items()}, abs=1e-5)
+        assert {a["answer"]: a["probability"] for a in answer["distinct"]} == pytest.approx(mixture, rel=1e-4)
 
 
 # ---------------------------------------------------------------------------
@@ -215,9 +219,9 @@ def run_sample(capsys, *args):
 
 
 @pytest.mark.parametrize("run, split", [("sft", "sft"), ("dpo", "pairs")])
-def test_a_run_without_thresholds_gets_them_fitted_on_its_validation_prompts(runs, capsys, run, split):
+def test_thresholds_are_fitted_on_the_validation_prompts_the_first_time(runs, capsys, run, split):
     written = run_sample(capsys, f"--out_dir={runs[run]}", "--prompt=Q: Describe a cat.\\nA:")
-    assert "verdict.json not found" in written.err
+    assert "fitting the verdict's thresholds on the run's" in written.err
     with open(os.path.join(runs[run], "verdict.json")) as f:
         thresholds = json.load(f)
     path = str(runs["root"] / f"{split}.jsonl")
@@ -227,7 +231,7 @@ def test_a_run_without_thresholds_gets_them_fitted_on_its_validation_prompts(run
     assert thresholds["n_prompts"] == {k: list(kinds.values()).count(k) for k in sorted(set(kinds.values()))}
     assert set(thresholds["n_prompts"]) == {"conflicting", "consistent"}
     again = run_sample(capsys, f"--out_dir={runs[run]}", "--prompt=Q: Describe a cat.\\nA:")
-    assert "not found" not in again.err and again.out == written.out       # read back, greedy: the same
+    assert "fitting" not in again.err and again.out == written.out       # read back, greedy: the same
 
 
 def test_json_lines_carry_the_answers_weights_and_verdict(runs, capsys, tmp_path):
@@ -260,7 +264,8 @@ def test_text_output_names_every_member_and_ends_each_block_with_the_verdict(run
     out = run_sample(capsys, f"--out_dir={runs['sft']}", "--prompt=Q: Add 2 and 3.\\nA:").out.splitlines()
     assert out[0] == 'prompt 1: "Q: Add 2 and 3.\\nA:"'
     assert out[1].startswith("  member 0  weight ") and out[2].startswith("  member 1  weight ")
-    assert out[3].startswith("  ensemble ") and out[4].startswith("  epistemic ")
+    assert out[3].startswith("  ensemble  p ") and "greedy decoding of the mixture" in out[3]
+    assert out[4].startswith("  epistemic ")
     assert out[5].startswith("  verdict: ") and len(out) == 6
 
 

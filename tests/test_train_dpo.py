@@ -11,15 +11,16 @@ import pytest
 import torch
 
 import data
+import plots
 import train_dpo
 import train_sft
 import trainer
-from checkpoint import base_fingerprint
 from config import UserError
-from evaluate_dpo import (pair_logprobs, pair_preference_variance, preference_variance, report_group, reward_margins,
-                          score_pairs)
 from lora import add_lora, lora_parameters, lora_state_dict
 from model import GPT, GPTConfig
+from train_dpo import (pair_logprobs, pair_preference_variance, preference_variance, report_group, reward_margins,
+                       score_pairs)
+from trainer import base_fingerprint
 from renyi_lora import dpo_logp, dpo_loss, renyi_loss, responsibilities
 
 # ---------------------------------------------------------------------------
@@ -192,7 +193,7 @@ def files(tmp_path_factory, tiny_base):
     train_sft.train(train_sft.defaults | dict(
         base=tiny_base, data=str(root / "sft.jsonl"), val_data=str(root / "sft.jsonl"),
         out_dir=str(root / "sft"), n_members=2, lora_rank=4, max_iters=20, batch_size=8, learning_rate=1e-2,
-        warmup_iters=2, log_interval=1000, eval_interval=1000, n_samples=1, max_new_tokens=2, seed=0, device="cpu"))
+        warmup_iters=2, log_interval=1000, eval_interval=1000, max_new_tokens=2, seed=0, device="cpu"))
     data.write_jsonl(pair_rows(), root / "pairs.jsonl")
     return dict(sft_dir=str(root / "sft"), pairs=str(root / "pairs.jsonl"))
 
@@ -242,8 +243,7 @@ def test_tiny_run_learns_its_training_pairs_and_writes_report_and_plots(files, t
     contested = torch.cat([m for g, m in test_margins.items() if g.startswith("contested")], dim=1)
     assert saved["preference_variance"]["contested"] == pytest.approx(
         sum(loop_preference_variance(contested.tolist())) / contested.shape[1], rel=1e-6)
-    with open(tmp_path / "verdict.json") as f:                 # sample.py's thresholds, from the validation pairs' prompts
-        assert json.load(f)["n_prompts"] == dict(conflicting=len(CONTESTED), consistent=len(CONSENSUS))
+    plots.main([f"--out_dir={tmp_path}"])                    # the figures, from report.json and margins.pt
     for name in ("margins", "routing"):
         with open(tmp_path / f"{name}.png", "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import data
+import plots
 import train_sft
-from checkpoint import load_base
+from trainer import load_base
 from evaluate import score_rows
 from lora import add_lora, lora_state_dict
 from renyi_lora import renyi_loss
@@ -57,25 +58,29 @@ def files(tmp_path_factory, tiny_base):
     checkpoint = torch.load(tiny_base, weights_only=True)
     checkpoint["config"]["dropout"] = 0.1  # the same weights, but training now draws random numbers
     torch.save(checkpoint, root / "base_dropout.pt")
-    paths = dict(base=tiny_base, base_dropout=str(root / "base_dropout.pt"),
-                 grouped=str(root / "grouped.jsonl"), plain=str(root / "plain.jsonl"), ood=str(root / "ood.jsonl"))
-    data.write_jsonl(user_rows(with_groups=True), paths["grouped"])
-    data.write_jsonl(user_rows(with_groups=False), paths["plain"])
+    paths = dict(base=tiny_base, base_dropout=str(root / "base_dropout.pt"), ood=str(root / "ood.jsonl"))
+    for name, with_groups in (("grouped", True), ("plain", False)):
+        rows = user_rows(with_groups)
+        paths[name] = str(root / f"{name}.jsonl")
+        data.write_jsonl(rows, paths[name])
+        # half the prompts held out, so that both kinds of prompt are among them
+        for part, part_rows in zip(("train", "val"), data.split_by_prompt(rows, 0.5, seed=0)):
+            paths[f"{name}_{part}"] = str(root / f"{name}_{part}.jsonl")
+            data.write_jsonl(part_rows, paths[f"{name}_{part}"])
     data.write_jsonl([dict(prompt=f"Q: {q}\nA:", response=r) for q, r in OOD], paths["ood"])
     return paths
 
 
 def tiny_config(files, out_dir, **overrides):
     return train_sft.defaults | dict(
-        base=files["base"], data=files["grouped"], ood_data=files["ood"], out_dir=str(out_dir), val_fraction=0.5,
-        n_members=2, lora_rank=4, max_iters=20, alpha_hold_iters=5, alpha_ramp_iters=10, batch_size=8,
-        learning_rate=1e-2, warmup_iters=2,
-        log_interval=5, eval_interval=10, n_samples=1, max_new_tokens=4, seed=0, device="cpu") | overrides
+        base=files["base"], data=files["grouped_train"], val_data=files["grouped_val"], ood_data=files["ood"],
+        out_dir=str(out_dir), n_members=2, lora_rank=4, max_iters=20, alpha_hold_iters=5, alpha_ramp_iters=10,
+        batch_size=8, learning_rate=1e-2, warmup_iters=2, log_interval=5, eval_interval=10, max_new_tokens=4, seed=0,
+        device="cpu") | overrides
 
 
 def load_rows(config):
-    return data.load_sft_rows(config["data"], config["val_data"], config["ood_data"], config["val_fraction"],
-                              config["seed"])
+    return data.sft_rows_of(config)
 
 
 def training_set_loss(model, tokenizer, rows, config):
@@ -86,8 +91,8 @@ def training_set_loss(model, tokenizer, rows, config):
 # ---------------------------------------------------------------------------
 # the held-out split and conflict marking of --data
 
-def test_held_out_split_keeps_each_prompt_on_one_side_and_marks_conflicts(files, tmp_path):
-    train_rows, val_rows, test_rows, ood_rows = load_rows(tiny_config(files, tmp_path))
+def test_held_out_split_keeps_each_prompt_on_one_side_and_marks_conflicts(files):
+    train_rows, val_rows, test_rows, ood_rows = data.load_sft_rows(files["grouped"], "", files["ood"], 0.5, seed=0)
     assert test_rows is val_rows and len(ood_rows) == len(OOD)
     assert len(train_rows) + len(val_rows) == len(user_rows(with_groups=True))
     train_prompts, held_out_prompts = {r["prompt"] for r in train_rows}, {r["prompt"] for r in val_rows}
@@ -144,11 +149,6 @@ def test_tiny_run_lowers_the_loss_and_writes_report_and_plots(files, tmp_path):
     consistent = {r["prompt"] for r in test_rows if r["kind"] == "consistent"}
     assert sum(saved["greedy_correct"][p] for p in consistent) / len(consistent) == saved["accuracy_consistent"]
     assert len(saved["member_accuracy_consistent"]) == 2 and isinstance(saved["auroc_conflict_answers"], float)
-    with open(tmp_path / "verdict.json") as f:                 # sample.py's thresholds, from the validation prompts
-        thresholds = json.load(f)
-    val_rows = load_rows(config)[1]
-    assert thresholds["n_prompts"] == {kind: len({r["prompt"] for r in val_rows if r["kind"] == kind})
-                                       for kind in ("conflicting", "consistent")}
     assert 0.0 <= saved["soft_specialisation"] <= 1.0
     # these rows carry no task: one task, within which the split is the pooled one
     assert saved["per_task_specialisation"] == pytest.approx(saved["soft_specialisation"], abs=1e-12)
@@ -158,84 +158,15 @@ def test_tiny_run_lowers_the_loss_and_writes_report_and_plots(files, tmp_path):
     assert saved["member_share"] == pytest.approx((sum(weights) / len(weights)).tolist(), abs=1e-5)
     assert saved["starved_members"] == [m for m, share in enumerate(saved["member_share"]) if share < 0.25 / 2]
     assert len(history["member_share"]) == 2 and all(sum(s) == pytest.approx(1.0) for s in history["member_share"])
+    assert not list(tmp_path.glob("*.png"))                  # training writes numbers; plots.py draws them
+    plots.main([f"--out_dir={tmp_path}"])
     for name in ("loss", "routing", "uncertainty", "reliability"):
         with open(tmp_path / f"{name}.png", "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
 
 
 # ---------------------------------------------------------------------------
-# length-normalised routing and the logged routing entropy
-
-def test_length_normalise_routes_per_token_and_logs_the_mean_routing_entropy(files, tmp_path):
-    """history['routing_entropy'] against the entropy of softmax_m(alpha * log p_m(x) / |y|), recomputed by hand from
-    the adapters each step started from and the batches the seeded order gave it, averaged over each eval's window."""
-    config = tiny_config(files, tmp_path, max_iters=4, eval_interval=2, alpha_hold_iters=0, alpha_ramp_iters=0,
-                         length_normalise=True)
-    states = {0: None}                                                  # step -> adapters it started from
-
-    def keep_adapters(done, model):
-        states[done] = {name: t.clone() for name, t in lora_state_dict(model).items()}
-
-    final, _, report, _ = train_sft.train(config, on_step=keep_adapters)
-    history = torch.load(tmp_path / "ckpt.pt", weights_only=False)["history"]
-    train_rows = load_rows(config)[0]
-    batches = data.shuffled_batches(len(train_rows), config["batch_size"], config["seed"])
-    model, tokenizer_name = load_base(config["base"], config["device"])
-    add_lora(model, config["n_members"], config["lora_rank"], config["lora_alpha"])   # B = 0: step 0's members
-    tokenizer = data.get_tokenizer(tokenizer_name)
-    per_token, summed = [], []                                          # entropy of every routed example, by step
-    for step in range(config["max_iters"]):
-        if states[step] is not None:
-            model.load_state_dict(states[step], strict=False)
-        scores = score_rows(model, tokenizer, [train_rows[i] for i in next(batches)], config["batch_size"])
-        for column, n_tokens in zip(scores["logp"].t().tolist(), scores["n_tokens"].tolist()):
-            for entropies, length in ((per_token, n_tokens), (summed, 1)):
-                exps = [math.exp(config["alpha"] * (v - max(column)) / length) for v in column]
-                entropies.append(-sum(e / sum(exps) * math.log(e / sum(exps)) for e in exps))
-    window = len(per_token) // 2
-    expected = [sum(per_token[:window]) / window, sum(per_token[window:]) / window]
-    assert history["routing_entropy"] == pytest.approx(expected, abs=1e-4)
-    assert expected[1] < math.log(2) - 1e-3                             # the members differ by then ...
-    assert sum(summed[window:]) / window < expected[1] - 1e-3          # ... and the per-token routing is the flatter
-    # the report's routing of the held-out conflicting rows is per token too
-    conflicting = [row for row in load_rows(config)[2] if row["kind"] == "conflicting"]
-    final.eval()
-    scores = score_rows(final, tokenizer, conflicting, config["batch_size"])
-    weights = torch.softmax(config["alpha"] * scores["logp"] / scores["n_tokens"], dim=0)   # (M, N)
-    for group, routing in report["routing"].items():
-        columns = [i for i, row in enumerate(conflicting) if row["group"] == group]
-        assert routing == pytest.approx(weights[:, columns].mean(1).tolist(), abs=1e-5)
-
-
-def test_length_normalise_must_be_a_bool(files, tmp_path):
-    with pytest.raises(ValueError, match=re.escape("length_normalise must be true or false, got 'yes'")):
-        train_sft.train(tiny_config(files, tmp_path / "never", length_normalise="yes"))
-    assert not (tmp_path / "never").exists()
-
-
-# ---------------------------------------------------------------------------
 # resume
-
-def test_finished_report_trains_once_and_reevaluates_on_a_new_held_out_file(files, tmp_path):
-    held_out = tmp_path / "held_out.jsonl"
-    data.write_jsonl(user_rows(with_groups=True)[::2], held_out)       # 4 consistent prompts, 6 conflicting rows
-    config = tiny_config(files, tmp_path / "run", val_data=str(held_out))
-    first = train_sft.finished_report(config)
-    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
-    assert train_sft.finished_report(config) == first                 # finished: read, not trained again
-    assert train_sft.finished_report(config, may_train=False) == first
-    assert train_sft.finished_report(tiny_config(files, tmp_path / "absent"), may_train=False) is None
-    data.write_jsonl(user_rows(with_groups=True)[:16], held_out)         # a new held-out file: consistent prompts only
-    assert train_sft.finished_report(config) == first                  # ... not read unless asked
-    again = train_sft.finished_report(config, reevaluate=True)
-    after = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
-    assert after["iter"] == ckpt["iter"] == 20                           # evaluated, not trained further
-    assert all(torch.equal(after["adapters"][key], value) for key, value in ckpt["adapters"].items())
-    assert again["train_seconds"] == first["train_seconds"]              # the training's time is kept
-    assert first["auroc_conflict"] is not None and again["auroc_conflict"] is None   # no conflicting rows now
-    with open(tmp_path / "run" / "report.json") as f:
-        assert json.load(f) == again
-
 
 def test_ctrl_c_checkpoints_the_step_and_resume_continues_exactly(files, tmp_path):
     """2N steps straight equal a run stopped by Ctrl-C (SIGINT) after a random step k and resumed, to the bit.
@@ -247,7 +178,8 @@ def test_ctrl_c_checkpoints_the_step_and_resume_continues_exactly(files, tmp_pat
     Dropout in the base makes the continuation depend on the saved RNG state as well.
     """
     n = 4
-    common = dict(base=files["base_dropout"], data=files["plain"], ood_data="", max_iters=2 * n, eval_interval=n,
+    common = dict(base=files["base_dropout"], data=files["plain_train"], val_data=files["plain_val"], ood_data="",
+                  max_iters=2 * n, eval_interval=n,
                   log_interval=n, alpha_hold_iters=0, alpha_ramp_iters=0)   # alpha 2 at once: the routing sums differ
     straight, _, report, _ = train_sft.train(tiny_config(files, tmp_path / "straight", **common))
     k = random.Random(18).choice([step for step in range(1, 2 * n) if step % n])
@@ -281,7 +213,6 @@ def test_ctrl_c_checkpoints_the_step_and_resume_continues_exactly(files, tmp_pat
     assert report["argmax_specialisation"] is None and report["routing"] is None
     assert report["auroc_ood"] is None and report["auroc_ood_vs_consistent"] is None
     assert isinstance(report["auroc_conflict"], float)  # conflicts are found from the responses alone
-    assert not os.path.exists(tmp_path / "straight" / "routing.png")
 
 
 # ---------------------------------------------------------------------------
@@ -318,7 +249,7 @@ def test_validation_runs_without_dropout_and_leaves_the_model_training(files, tm
     add_lora(model, config["n_members"], config["lora_rank"], config["lora_alpha"])
     val_rows, history = load_rows(config)[1], dict(val_iter=[], val_nll=[])
     for it in (1, 2):
-        train_sft.validate(model, data.get_tokenizer(tokenizer_name), val_rows, config, history, it)
+        train_sft.validate_and_log(model, data.get_tokenizer(tokenizer_name), val_rows, config, history, it)
     assert history["val_nll"][0] == history["val_nll"][1]
     assert model.training
 
@@ -365,16 +296,19 @@ def test_command_line_error_is_one_line_naming_the_key_and_status_2(tmp_path):
     assert not (tmp_path / "never").exists()
 
 
-def test_revive_copies_the_busiest_member_and_its_optimizer_moments(files):
-    model, _ = load_base(files["base"], "cpu")
-    params = add_lora(model, 3, 2, 4.0)
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    sum(p.pow(2).sum() * (1 + torch.arange(3.0)).view(-1, *[1] * (p.dim() - 1)).sum() for p in params).backward()
-    optimizer.step()                                           # the moments now differ between members
-    routed = torch.tensor([10.0, 1.0, 0.1])                    # member 2: below 1 / (4 * 3) of the responsibility
-    assert train_sft.revive_starved(model, optimizer, routed, 0.0, torch.Generator().manual_seed(0)) == [2]
-    for p in params:
-        torch.testing.assert_close(p[2], p[0], rtol=0, atol=0)            # spread 0: an exact copy
-        for moment in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(optimizer.state[p][moment][2], optimizer.state[p][moment][0], rtol=0, atol=0)
-    assert train_sft.revive_starved(model, optimizer, torch.tensor([1.0, 1.0, 1.0]), 0.0, None) == []
+@pytest.mark.parametrize("hold, ramp", [(125, 0), (200, 150), (-5, 10)])
+def test_a_hold_outside_the_ramp_is_refused_before_any_work(files, tmp_path, hold, ramp):
+    out_dir = tmp_path / "never"
+    with pytest.raises(ValueError, match=re.escape(f"--alpha_hold_iters={hold} --alpha_ramp_iters={ramp}: need 0 <=")):
+        train_sft.train(tiny_config(files, out_dir, alpha_hold_iters=hold, alpha_ramp_iters=ramp))
+    assert not out_dir.exists()
+
+
+def test_a_run_that_never_reaches_alpha_says_so(files, tmp_path, capsys):
+    """The hold and ramp are steps, not shares of max_iters: a short run may end at alpha = 0."""
+    train_sft.check_schedule(tiny_config(files, tmp_path, max_iters=60, alpha_hold_iters=125, alpha_ramp_iters=250))
+    out = capsys.readouterr().out
+    assert out.startswith("warning: --max_iters=60 ends before the ramp reaches alpha = 2.0 at iter 250")
+    train_sft.check_schedule(tiny_config(files, tmp_path, max_iters=250, alpha_hold_iters=125, alpha_ramp_iters=250))
+    train_sft.check_schedule(tiny_config(files, tmp_path, max_iters=60, alpha=0.0))
+    assert capsys.readouterr().out == ""
