@@ -297,7 +297,7 @@ def preference_rows(item, wrong_answers, rng, consensus_rejected="parrot"):
     over ` Peru`), whichever persona judges. With consensus_rejected="wrong_answer"
     the rejected answer is instead another prompt's answer to the same task
     (` Lima` over ` Berlin`); that kind of preference is a fact about one prompt
-    and DPO does not carry it over to held-out prompts (RESULTS.md §4.4).
+    and DPO does not carry it over to held-out prompts.
     contested (conflicting prompts): each persona prefers its own style to the
     other's, so the same prompt appears with opposite preferences.
     """

@@ -12,7 +12,7 @@ responses through one forward pass of all members, forms each member's DPO
 log-likelihood log p_m(x) = log sigmoid(beta * h_m(x)) (METHOD.md §1), shape (M, B),
 and minimises renyi_loss(logp, alpha), the same loss as SFT: each preference trains
 the members that already agree with it, so where annotator groups disagree the
-members take sides (for alpha > 1; RESULTS.md §4.2). The reference log-probs mix, in log space, a frozen
+members take sides (for alpha > 1). The reference log-probs mix, in log space, a frozen
 copy of the SFT adapters (member m's reference is SFT member m) and the bare base model
 (reference_logprobs); they never change, so they are computed once, without gradients, and cached.
 
@@ -43,7 +43,8 @@ defaults = dict(
     out_dir='out/dpo',
     resume=False,           # continue from out_dir/ckpt.pt
     # the objective; n_members and the LoRA shape come from the SFT run
-    alpha=3.0,              # contested pairs split the members only for alpha > 1; why 3: RESULTS.md §4.2
+    alpha=3.0,              # a contested pair and its swap are flat in the members' spread at alpha = 1, so only
+                            # alpha > 1 splits them; a larger alpha settles the split faster
     alpha_ramp_iters=0,     # raise alpha linearly from 0 over these first iters (0: no ramp), see renyi_lora.alpha_at
     beta=0.1,               # inverse temperature of the implied reward beta * log(pi / pi_ref)
     label_smoothing=0.0,    # conservative DPO: the share of preference labels assumed flipped
@@ -102,7 +103,7 @@ def reference_logprobs(model, sft_config, config, encoded, pad_id):
 
     k = 0 starts every member's margin h_m at 0, so DPO splits the contested pairs afresh; k = 1 starts it at
     what SFT taught member m, so the SFT split carries over; a small k tilts the fresh split towards the SFT
-    one (METHOD.md §2, "Which reference"). Computed once, without gradients: the reference never changes.
+    one (METHOD.md appendix A.3). Computed once, without gradients: the reference never changes.
     """
     share, logps = base_share(config['reference']), {}
     for kind, weight in (('sft', 1 - share), ('base', share)):

@@ -1,9 +1,9 @@
 """
-The α sweep of RESULTS.md §3.1: train_sft.py for each α, plus a single adapter (M=1),
+The α sweep: train_sft.py for each α, plus a single adapter (M=1),
 then one Markdown table of their reports.
 
     python -m experiments.alpha_sweep                                  # α in {0, 0.25, 0.5, 1, 2} and M=1
-    python -m experiments.alpha_sweep --alpha_ramp_iters=0             # RESULTS.md §3.1's table: no α ramp
+    python -m experiments.alpha_sweep --alpha_hold_iters=0 --alpha_ramp_iters=0   # α from the first step
     python -m experiments.alpha_sweep --alphas=0,1 --max_iters=100     # any train_sft.py key passes through
 
 Each run writes its own out_dir (out/sweep/alpha_<α>, out/sweep/single) with

@@ -19,7 +19,7 @@ the files it trained and was tested on:
             evaluate.disagreement), with every member's greedy answer, beside the conflicting
             prompts' range
 
-Reads only; writes nothing. RESULTS.md §9 quotes its output.
+Reads only; writes nothing. experiments/RESULTS.md quotes its output.
 """
 import math
 

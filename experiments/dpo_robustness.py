@@ -13,7 +13,7 @@ robustness.py's SFT runs of the same set and seed, beside plain DPO from the sin
                  from consensus pairs (target >= 0.9)
     every pair   for each ordered pair of groups (g, h), the best member's accuracy on the held-out
                  pairs of g's response over h's; the worst such pair (shown, not judged: with two
-                 groups it is `sides`, with more it is what the pairwise loss asks, RESULTS.md §9)
+                 groups it is `sides`, with more it is what the pairwise loss asks)
 
     python -m experiments.dpo_robustness                                     # the sets with conflict, seed 1337
     python -m experiments.dpo_robustness --sets=user_160 --seeds=1337,1 --alpha=1.0 --prefix=dpo_a1   # any train_dpo.py key

@@ -1,7 +1,7 @@
 """
 Where the seed paper runs the method, M = 8 members at alpha = 0.8, beside this repository's
 default, alpha = 0 and a single adapter, on the benchmark over seeds; the paper's claims
-read from the runs' reports (RESULTS.md, "The paper's operating point"):
+read from the runs' reports (experiments/RESULTS.md, "The paper's operating point"):
 
     setting   soft and per-prompt specialisation by annotator, task_specialisation (claim a:
               members split the tasks), starved members, NLL, accuracy, AUROCs

@@ -121,7 +121,7 @@ def over_seeds(rows):
     """Markdown: each (set, variant) averaged over its seeds, beside the single adapter's spread from seed to seed.
 
     Consistent accuracy on 40 held-out prompts moves from one adapter to the next by about as much as its 0.05
-    target: single adapters trained on the same files with other seeds differ by up to 0.2 (RESULTS.md §9). The
+    target: single adapters trained on the same files with other seeds differ by up to 0.2 (experiments/RESULTS.md). The
     mean over seeds averages part of that noise away; a mean of three seeds still moves by about 0.04.
     """
     runs = {}
