@@ -227,8 +227,8 @@ def print_answer(answer, thresholds, heading):
     print(f"{heading}: {quoted(answer['prompt'])}")
     for m, member in enumerate(answer['members']):
         print(f"  member {m}  weight {member['weight']:.2f}  {quoted(member['answer'])}")
-    print(f"  ensemble  p {answer['probability']:.2f}  {quoted(answer['answer'])}  (greedy decoding of the mixture, "
-          "token by token: not always its most probable answer)")
+    print(f"  ensemble  p {answer['probability']:.2f}  {quoted(answer['answer'])}  (greedy, token by token: the "
+          "mixture's most probable answer can be another)")
     print(f"  epistemic {answer['epistemic']:.3f} nats; disagreement {answer['disagreement']:.3f} nats "
           f"(contested above {thresholds['contested']:.3f}); confidence {answer['confidence']:.3f} nats/token "
           f"(unfamiliar below {thresholds['unfamiliar']:.3f})")

@@ -264,7 +264,7 @@ def test_text_output_names_every_member_and_ends_each_block_with_the_verdict(run
     out = run_sample(capsys, f"--out_dir={runs['sft']}", "--prompt=Q: Add 2 and 3.\\nA:").out.splitlines()
     assert out[0] == 'prompt 1: "Q: Add 2 and 3.\\nA:"'
     assert out[1].startswith("  member 0  weight ") and out[2].startswith("  member 1  weight ")
-    assert out[3].startswith("  ensemble  p ") and "greedy decoding of the mixture" in out[3]
+    assert out[3].startswith("  ensemble  p ") and "greedy, token by token" in out[3]
     assert out[4].startswith("  epistemic ")
     assert out[5].startswith("  verdict: ") and len(out) == 6
 
