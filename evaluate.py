@@ -293,8 +293,8 @@ def distinct_answers(texts, answer_logp):
 def disagreement(texts, answer_logp):
     """How much the members disagree about whole answers: the mutual information between member and answer.
 
-        q_k(a)       = p_k(a | x) / sum_{a' in A} p_k(a' | x)      member k's belief over the distinct answers A
-        disagreement = H(mean_k q_k) - mean_k H(q_k)               (renyi_lora.mutual_information)
+        b_k(a)       = p_k(a | x) / sum_{a' in A} p_k(a' | x)      member k's belief over the distinct answers A
+        disagreement = H(mean_k b_k) - mean_k H(b_k)               (renyi_lora.mutual_information)
 
     texts, answer_logp (M, M) as in distinct_answers -> a float in [0, log M], in nats. 0 when the
     members give one answer, or when each finds the others' answers as likely as its own; high
