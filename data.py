@@ -236,7 +236,7 @@ def load_sft_rows(path, val_path="", ood_path="", val_fraction=0.1, seed=0):
 def sft_rows_of(run_config):
     """The train, validation, test and OOD rows of a train_sft.py run, read again from its stored config."""
     return load_sft_rows(run_config['data'], run_config['val_data'], run_config.get('ood_data', ''),
-                         run_config.get('val_fraction', 0.1), run_config['seed'])
+                         run_config.get('val_fraction', 0.1), run_config['seed'])   # older runs stored their fraction
 
 
 def load_pref_rows(path, val_path="", val_fraction=0.1, seed=0):

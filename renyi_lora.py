@@ -47,8 +47,8 @@ def dpo_logp(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     label_smoothing eps treats a share eps of the labels as flipped (conservative DPO):
         log p_m(x) = (1 - eps) log sigmoid(beta h_m) + eps log sigmoid(-beta h_m)
     """
-    logits = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    return (1 - label_smoothing) * F.logsigmoid(beta * logits) + label_smoothing * F.logsigmoid(-beta * logits)
+    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)   # h_m(x)
+    return (1 - label_smoothing) * F.logsigmoid(beta * margin) + label_smoothing * F.logsigmoid(-beta * margin)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,

@@ -246,7 +246,7 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
     groups = [test_rows[i]['group'] for i in conflicting]
     # rows an annotator group answered: the conflicting ones, and any agreed rows that still carry a group
     grouped = [i for i, row in enumerate(test_rows) if row.get('group') not in (None, benchmark.ALL)]
-    members = scores['logp'][:, conflicting].argmax(0).tolist()      # argmax responsibility, for any alpha > 0
+    argmax_members = scores['logp'][:, conflicting].argmax(0).tolist()   # the top responsibility, any alpha > 0
     grouped_logp, grouped_groups = scores['logp'][:, grouped], [test_rows[i]['group'] for i in grouped]
 
     def within(key):            # the split inside each task, or each prompt, of the grouped rows
@@ -256,7 +256,7 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
                   soft_specialisation=soft_specialisation(grouped_logp, grouped_groups),
                   per_task_specialisation=within('task'),
                   per_prompt_specialisation=within('prompt'),
-                  argmax_specialisation=specialisation(members, groups),
+                  argmax_specialisation=specialisation(argmax_members, groups),
                   routing=routing_matrix(scores['logp'][:, conflicting], alpha, groups) if groups else None)
     if ood_rows:
         for suffix, score in epistemic_scores(score_rows(model, tokenizer, ood_rows, batch_size)).items():

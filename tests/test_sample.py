@@ -31,7 +31,7 @@ PROMPTS = ["Q: What is 2 plus 2?\nA:", "Q: Tell me about Spain.\nA:", "Q: Name a
 
 
 # ---------------------------------------------------------------------------
-# verdict.py by hand
+# the members' answers and the verdict, by hand
 
 def test_answer_labels_score_the_answer_up_to_its_first_stop_token():
     out = torch.tensor([[9, 8, 5, 6, 0, 0, 0],       # stop token 0 after two answer tokens, then padding
