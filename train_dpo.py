@@ -92,8 +92,7 @@ def load_reference(model, sft_config, config, kind):
     if kind == 'sft':
         reference = copy.deepcopy(model)
     else:
-        base, tokenizer = run_base(sft_config)
-        reference, _ = load_base(base, config['device'], tokenizer)
+        reference, _ = load_base(run_base(sft_config), config['device'])
     return reference.requires_grad_(False).eval().to(config['device'])
 
 

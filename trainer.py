@@ -239,41 +239,37 @@ def read_base_checkpoint(path):
     return read_checkpoint(path, ('config', 'model', 'tokenizer'), "a base model written by pretrain.py")
 
 
-def base_config(path, tokenizer=''):
+def base_config(path):
     """(GPTConfig, tokenizer name) of the base at path, checked without building the model: every mistake a UserError.
 
-    path: a pretrain.py checkpoint, a Hugging Face GPT-2 directory, or DEFAULT_BASE before pretrain.py has made it
-    (then pretrain.py's defaults). tokenizer '' is the base's own: a pretrain.py checkpoint's stored name; for a
-    Hugging Face directory 'gpt2', unless its vocabulary is exactly this project's tokenizer's (as in the tests'
-    tiny random checkpoints). A named tokenizer must be the stored one, or fit the directory's vocabulary.
+    path: a pretrain.py checkpoint (its tokenizer is the one stored), a Hugging Face GPT-2 directory ('gpt2',
+    unless its vocabulary is exactly this project's tokenizer's, as in the tests' tiny random checkpoints), or
+    DEFAULT_BASE before pretrain.py has made it (then pretrain.py's defaults).
     """
     if os.path.isdir(path):
         try:
             config = hf_config(path)
         except (OSError, KeyError, ValueError) as error:
             raise UserError(f"--base={path}: {error}") from None
-        own = data.DEFAULT_TOKENIZER if config.vocab_size == data.VOCAB_SIZE else 'gpt2'
+        name = data.DEFAULT_TOKENIZER if config.vocab_size == data.VOCAB_SIZE else 'gpt2'
     elif os.path.isfile(path):
         checkpoint = read_base_checkpoint(path)
-        config, own = GPTConfig(**checkpoint['config']), checkpoint['tokenizer']
+        config, name = GPTConfig(**checkpoint['config']), checkpoint['tokenizer']
     elif os.path.normpath(path) == DEFAULT_BASE:          # pretrain.py's defaults are GPTConfig's
-        own, config = data.DEFAULT_TOKENIZER, GPTConfig(vocab_size=data.VOCAB_SIZE)
+        config, name = GPTConfig(vocab_size=data.VOCAB_SIZE), data.DEFAULT_TOKENIZER
     else:
         raise UserError(f"--base={path} not found: expected a checkpoint of pretrain.py (make one with "
                         f"`python pretrain.py --out_path={path}`) or a Hugging Face GPT-2 directory")
-    name = tokenizer or own
-    if not os.path.isdir(path) and name != own:
-        raise UserError(f"--tokenizer={tokenizer}: the base {path} uses tokenizer {own}")
     if data.get_tokenizer(name).n_vocab > config.vocab_size:
-        raise UserError(f"--tokenizer={name} has {data.get_tokenizer(name).n_vocab} tokens, more than the "
+        raise UserError(f"tokenizer {name} has {data.get_tokenizer(name).n_vocab} tokens, more than the "
                         f"vocabulary of {config.vocab_size} of the base {path}")
     return config, name
 
 
-def load_base(path, device='cpu', tokenizer=''):
-    """The frozen base GPT (on the CPU) and its tokenizer name (base_config's rules). DEFAULT_BASE is pretrained
-    first, by pretrain.py on `device`, when it is missing; any other missing base is a UserError."""
-    _, tokenizer_name = base_config(path, tokenizer)
+def load_base(path, device='cpu'):
+    """The frozen base GPT (on the CPU) and its tokenizer name (base_config's). DEFAULT_BASE is pretrained first,
+    by pretrain.py on `device`, when it is missing; any other missing base is a UserError."""
+    _, tokenizer_name = base_config(path)
     if not os.path.exists(path):
         print(f"{path} not found: pretraining the base model first")
         pretrain = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pretrain.py')  # from any directory
@@ -328,10 +324,10 @@ def read_resume(out_dir, n_members, rank, lora_alpha):
 
 
 def run_base(run_config):
-    """(base path, tokenizer) that an SFT or DPO run's adapters sit on: an SFT run's own, a DPO run's SFT run's."""
+    """The base an SFT or DPO run's adapters sit on: an SFT run's own, a DPO run's SFT run's."""
     if 'sft_dir' in run_config:
         run_config = read_checkpoint(os.path.join(run_config['sft_dir'], 'ckpt.pt'))['config']
-    return run_config['base'], run_config.get('tokenizer', '')
+    return run_config['base']
 
 
 def save_checkpoint(path, model, optimizer, it, config, history, state=None):
@@ -366,11 +362,10 @@ def load_ensemble(ckpt_path, device='cpu', base=None):
     ckpt = read_checkpoint(ckpt_path)
     if ckpt['iter'] < ckpt['config']['max_iters']:
         print(f"warning: {ckpt_path} stopped at iter {ckpt['iter']} of {ckpt['config']['max_iters']}")
-    run_base_path, tokenizer = run_base(ckpt['config'])
-    base = base or run_base_path
+    base = base or run_base(ckpt['config'])
     if not os.path.exists(base):
         raise UserError(f"the base model {base} that {ckpt_path} was trained on is missing")
-    model, tokenizer_name = load_base(base, device, tokenizer)
+    model, tokenizer_name = load_base(base, device)
     lora = ckpt['lora_config']
     add_lora(model, lora['n_members'], lora['rank'], lora['lora_alpha'], lora['targets'], lora['layers'])
     check_base(ckpt, model, ckpt_path)

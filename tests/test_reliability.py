@@ -219,8 +219,6 @@ def test_a_hugging_face_gpt2_directory_is_a_base(files, tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 1
     model, _, sft_config = train_dpo.load_sft(train_dpo.defaults | dict(sft_dir=str(tmp_path / "sft"), device="cpu"))
     assert sft_config["base"] == str(tmp_path / "hf") and base_fingerprint(model) == base_fingerprint(base)
-    with pytest.raises(UserError, match="TIKTOKEN_CACHE_DIR|tokens, more than the vocabulary of 1024"):
-        base_config(str(tmp_path / "hf"), "gpt2")     # tiktoken's files missing, or too many tokens for this base
 
 
 def test_a_gpt2_sized_directory_takes_the_gpt2_tokenizer(tmp_path):
