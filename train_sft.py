@@ -20,11 +20,11 @@ import torch.distributed as dist
 
 import data
 from config import UserError, parse_args, run_script
-from lora import add_lora
-from renyi_lora import (alpha_at, check_alpha, prior_penalty, responsibilities, responsibility_entropy,
-                        renyi_loss, sequence_logprobs)
-from report import routing_matrix, sft_report, starved_members, training_routing
 from evaluate import score_rows
+from lora import add_lora
+from renyi_lora import (alpha_at, check_alpha, prior_penalty, renyi_loss, responsibilities, responsibility_entropy,
+                        sequence_logprobs)
+from report import routing_matrix, sft_report, starved_members, training_routing
 from trainer import (base_config, check_settings, learning_rate, load_base, read_resume, resume_from,
                      setup_distributed, train_loop)
 
