@@ -5,7 +5,7 @@ adapters, next-token prediction on plain text. Its text and its tokenizer come f
     python pretrain.py                       # the benchmark world's text -> out/base.pt
     python pretrain.py --data=text.txt       # your own UTF-8 text file
     python pretrain.py --max_iters=50 --n_layer=2 --n_embd=32   # a quick smoke run
-    python pretrain.py --train_tokenizer=true   # learn the shipped BPE ranks renyi_bpe.tiktoken again, and stop
+    python pretrain.py --train_tokenizer=true   # learn the BPE ranks again into out/ (the shipped renyi_bpe.tiktoken)
 
 The defaults finish in under 3 minutes on 2 CPU cores. The checkpoint holds the
 model config, the weights, the tokenizer name and the validation loss reached.
@@ -59,7 +59,7 @@ defaults = dict(
     log_interval=50,
     seed=1337,
     device='cuda' if torch.cuda.is_available() else 'cpu',
-    train_tokenizer=False,  # instead of pretraining: learn the shipped ranks file renyi_bpe.tiktoken from the world's text
+    train_tokenizer=False,  # instead of pretraining: learn the ranks of renyi_bpe.tiktoken again, into out/
 )
 
 
@@ -286,8 +286,10 @@ def pretrain(config):
 def main(argv):
     config = parse_args(defaults, argv)
     if config['train_tokenizer']:
-        save_ranks(train_bpe(pretrain_text(seed=0)), data.RANKS_PATH)
-        print(f"wrote {data.RANKS_PATH}")
+        path = os.path.join(os.path.dirname(config['out_path']) or '.', os.path.basename(data.RANKS_PATH))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_ranks(train_bpe(pretrain_text(seed=0)), path)
+        print(f"wrote {path}; the shipped {data.RANKS_PATH} is this file when the text has not changed")
         return
     pretrain(config)
 

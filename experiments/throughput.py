@@ -334,7 +334,7 @@ def main(argv):
     labels_of = dict(a=f"(a) ensemble, M={n_members} on B",
                      b=f"(b) one adapter on {n_members}*B",
                      c=f"(c) loop over {n_members} adapters, B each",
-                     d=f"(d) torch.func stack_module_state + vmap")
+                     d="(d) torch.func stack_module_state + vmap")
     for name, seconds in times.items():
         ratio = '' if name == 'a' else f"(a)/({name}) = {times['a'] / seconds:.2f}"
         print(f"{labels_of[name]:<46}{ms(seconds)}  {ratio}")

@@ -82,3 +82,10 @@ def test_train_bpe_ranks_round_trip_through_file_and_tiktoken(tmp_path):
     assert len(tokenizer.encode_ordinary(text)) < 0.6 * len(text.encode("utf-8"))  # 63 merges nearly halve it
 
 
+
+
+def test_train_tokenizer_learns_the_shipped_ranks_again_into_out_dir(tmp_path, capsys):
+    """The shipped renyi_bpe.tiktoken is what the world's text trains; the command writes beside --out_path only."""
+    pretrain.main(["--train_tokenizer=true", f"--out_path={tmp_path / 'base.pt'}"])
+    assert (tmp_path / "renyi_bpe.tiktoken").read_bytes() == open(data.RANKS_PATH, "rb").read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["renyi_bpe.tiktoken"]
