@@ -195,3 +195,17 @@ def test_answer_readouts_hand_case():
     assert readouts['member_accuracy'] == [1.0, 0.5]
     assert readouts['greedy_correct'] == {'q1': 1, 'q2': 0, 'q3': 1}      # either group's answer counts on q3
     assert readouts['disagreement'] == {'q1': 0.3, 'q2': 0.0, 'q3': 0.6}
+
+
+def test_score_batches_ignore_minus_infinity_where_the_label_is_masked():
+    """Logits of -inf at a position whose label is masked (prompt, padding) leave every score finite and equal."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 1, 6, 5, generator=generator)                      # (M, B, T, V)
+    labels = torch.tensor([[-100, -100, 3, 1, 4, -100]])                        # positions 0 and 4 predict masked labels
+    blocked = logits.clone()
+    blocked[:, :, [0, 4], 0] = float('-inf')                                    # token 0 is the masked labels' stand-in
+    idx = torch.zeros(1, 6, dtype=torch.long)
+    plain, masked = (score_batches(lambda _, out=out: out, [(idx, labels)]) for out in (logits, blocked))
+    for key in ('logp', 'epistemic', 'epistemic_token', 'total', 'aleatoric'):
+        assert masked[key].isfinite().all(), key
+        torch.testing.assert_close(masked[key], plain[key], msg=key)
