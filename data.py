@@ -42,11 +42,11 @@ def get_tokenizer(name=DEFAULT_TOKENIZER):
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as error:  # tiktoken downloads the GPT-2 files on first use
-            raise UserError(f"--tokenizer=gpt2: tiktoken could not load its GPT-2 files ({type(error).__name__}); it "
+            raise UserError(f"tokenizer gpt2: tiktoken could not load its GPT-2 files ({type(error).__name__}); it "
                             "downloads them on first use, so offline set TIKTOKEN_CACHE_DIR to a directory filled by "
                             "tiktoken.get_encoding('gpt2') on a machine online, under the same variable") from None
     if name != DEFAULT_TOKENIZER:
-        raise UserError(f"--tokenizer={name}: unknown; expected {DEFAULT_TOKENIZER} or gpt2")
+        raise UserError(f"tokenizer {name}: unknown; expected {DEFAULT_TOKENIZER} or gpt2")
     ranks = load_ranks(RANKS_PATH)
     return tiktoken.Encoding(name=name, pat_str=PATTERN, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
 
@@ -56,6 +56,7 @@ def get_tokenizer(name=DEFAULT_TOKENIZER):
 
 SFT_KINDS = ("consistent", "conflicting", "high_entropy", "ood")   # the benchmark's kinds of prompt
 PAIR_KINDS = ("contested", "consensus")
+
 
 def write_jsonl(rows, path):
     """Write a list of dicts as one JSON object per line (UTF-8). The file appears whole or not at all

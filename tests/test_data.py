@@ -85,11 +85,11 @@ def test_gpt2_tokenizer_offline_error_is_one_line(monkeypatch):
         data.get_tokenizer.__wrapped__("gpt2")  # bypass the cache, which may hold a loaded gpt2
     message = str(excinfo.value)
     assert "\n" not in message
-    assert message.startswith("--tokenizer=gpt2: tiktoken could not load its GPT-2 files (ConnectionError)")
+    assert message.startswith("tokenizer gpt2: tiktoken could not load its GPT-2 files (ConnectionError)")
 
 
 def test_unknown_tokenizer_name_is_rejected():
-    with pytest.raises(UserError, match="--tokenizer=gpt-2: unknown"):
+    with pytest.raises(UserError, match="tokenizer gpt-2: unknown"):
         data.get_tokenizer("gpt-2")
 
 
