@@ -11,8 +11,7 @@ the members agree, the prompt is contested, or it looks unfamiliar (METHOD.md §
 In --prompt and in a plain prompts file, \n (backslash, n) stands for a newline, so the
 benchmark's two-line prompts fit on one command line; write \\ for a backslash. The verdict's
 thresholds are fitted on the run's validation prompts the first time a run is sampled, and saved
-to out_dir/verdict.json. A mistake in the input ends
-with one line `error: ...` and exit status 2 (config.UserError).
+to out_dir/verdict.json. A mistake in the input ends with one line `error: ...` and exit status 2.
 """
 import contextlib
 import json
