@@ -35,7 +35,7 @@ def sequence_logprobs(logits, labels):
 
 
 def dpo_logp(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-             label_smoothing=0.0):
+             label_smoothing=0.0, sft_weight=0.0, chosen_lengths=None):
     """The DPO log-likelihood of each preference under each member (METHOD.md §1): what renyi_loss consumes.
 
         h_m(x)     = [log pi_m(y_w|x) - log pi_ref(y_w|x)] - [log pi_m(y_l|x) - log pi_ref(y_l|x)]
@@ -46,9 +46,20 @@ def dpo_logp(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     (M, B) -> (M, B); the reference may be (M, B) or (B,) (one reference for all).
     label_smoothing eps treats a share eps of the labels as flipped (conservative DPO):
         log p_m(x) = (1 - eps) log sigmoid(beta h_m) + eps log sigmoid(-beta h_m)
+    sft_weight gamma holds each member to the chosen responses of the pairs it is responsible for. With
+    a_m(x) = log pi_m(y_w|x) / |y_w| (chosen_lengths (B,) = |y_w|) it adds
+        gamma * [a_m(x) - stopgrad(a_m(x))]
+    which is 0 in value, so the routing w_m(x) and the loss still read the preference alone, while the
+    gradient of renyi_loss gains w_m(x) * gamma * d a_m(x): the chosen responses' per-token NLL, routed
+    (TRL's rpo_alpha, by responsibility). Without it DPO widens the margins by pushing chosen and rejected
+    responses down alike, until the model no longer answers.
     """
     margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)   # h_m(x)
-    return (1 - label_smoothing) * F.logsigmoid(beta * margin) + label_smoothing * F.logsigmoid(-beta * margin)
+    logp = (1 - label_smoothing) * F.logsigmoid(beta * margin) + label_smoothing * F.logsigmoid(-beta * margin)
+    if sft_weight:
+        anchor = policy_chosen_logps / chosen_lengths                          # a_m(x), (M, B)
+        logp = logp + sft_weight * (anchor - anchor.detach())                  # gradient, not value
+    return logp
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,

@@ -294,6 +294,22 @@ def sft_report(model, tokenizer, test_rows, ood_rows, alpha, batch_size=32, max_
     return report, dict(scores=scores, by_kind=by_kind[''])
 
 
+def answer_accuracy(model, tokenizer, rows, max_new_tokens, batch_size=32):
+    """Greedy accuracy on SFT rows, by kind of prompt, of the ensemble (its sequence mixture) and of its best member:
+    {'answer_accuracy': {kind: share}, 'best_member_accuracy': {kind: share}}. On a conflicting prompt any group's
+    response counts (benchmark.is_correct). What DPO does to the answers shows here, not in its margins."""
+    rows_of = {}
+    for row in rows:
+        rows_of.setdefault(row['prompt'], []).append(row)
+    right = lambda answer, text: any(benchmark.is_correct(row, text) for row in rows_of[answer['prompt']])
+    ensemble, best = {}, {}
+    for kind, answers in sorted(answers_by_kind(model, tokenizer, rows, max_new_tokens, batch_size).items()):
+        ensemble[kind] = sum(right(a, a['answer']) for a in answers) / len(answers)
+        best[kind] = max(sum(right(a, a['members'][m]['answer']) for a in answers) / len(answers)
+                         for m in range(len(answers[0]['members'])))
+    return dict(answer_accuracy=ensemble, best_member_accuracy=best)
+
+
 def training_routing(model, tokenizer, train_rows, alpha, batch_size=32):
     """How the training rows' responsibility is shared at the final alpha: member_share (each member's share),
     noise_routing (where label noise went, null without corrupted rows) and starved_members."""

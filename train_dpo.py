@@ -29,7 +29,7 @@ from config import UserError, parse_args, run_script
 from evaluate import device_of, safe_auroc
 from lora import lora_parameters
 from renyi_lora import alpha_at, check_alpha, dpo_logp, dpo_loss, renyi_loss, sequence_logprobs
-from report import member_shares, routing_matrix, starved_members
+from report import answer_accuracy, member_shares, routing_matrix, starved_members
 from trainer import check_settings, load_base, load_ensemble, read_resume, resume_from, run_base, train_loop
 
 defaults = dict(
@@ -48,6 +48,8 @@ defaults = dict(
     alpha_ramp_iters=0,     # raise alpha linearly from 0 over these first iters (0: no ramp), see renyi_lora.alpha_at
     beta=0.1,               # inverse temperature of the implied reward beta * log(pi / pi_ref)
     label_smoothing=0.0,    # conservative DPO: the share of preference labels assumed flipped
+    sft_weight=1.0,         # gamma: each member also learns the chosen responses of the pairs routed to it (per-token
+                            # NLL, renyi_lora.dpo_logp), so margins cannot grow by pushing the answers down; 0: plain DPO
     # optimisation
     max_iters=150,
     batch_size=32,          # pairs per step; 2 * batch_size sequences per forward pass
@@ -58,9 +60,14 @@ defaults = dict(
     grad_clip=1.0,
     log_interval=20,
     eval_interval=75,
+    max_new_tokens=32,      # the longest answer decoded when the log and report check the model still answers
     seed=1337,
     device='cuda' if torch.cuda.is_available() else 'cpu',
 )
+
+
+ANSWER_KINDS = ('consistent', 'conflicting', 'high_entropy')   # SFT prompts whose greedy answers the log checks
+ANSWER_TOLERANCE = 0.05     # a fall of the ensemble's accuracy beyond this, below the SFT run's, is warned about
 
 
 def load_sft(config):
@@ -133,15 +140,23 @@ def train(config):
     tokenizer = data.get_tokenizer(tokenizer_name)
     encoded = {name: data.encode_pref(rows, tokenizer, model.config.block_size, truncate=config['truncate'])
                for name, rows in (('train', train_rows), ('val', val_rows), ('test', test_rows))}
+    chosen_lengths = {name: torch.tensor([len(ids) - n_prompt for (ids, n_prompt), _ in pairs])   # |y_w|, (N,)
+                      for name, pairs in encoded.items()}
+    answer_rows = [row for row in data.sft_rows_of(sft_config)[2] if row.get('kind') in ANSWER_KINDS]
     model.to(device)   # every input is checked: from here on the work is expensive
     reference_logps = reference_logprobs(model, sft_config, config, encoded, tokenizer.eot_token)
     os.makedirs(config['out_dir'], exist_ok=True)
     params = lora_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=config['learning_rate'], weight_decay=config['weight_decay'])
-    start, history = 0, dict(iter=[], loss=[], val_iter=[], val_loss=[])
+    start, history = 0, dict(iter=[], loss=[], val_iter=[], val_loss=[], generations=[])
     ckpt_path = os.path.join(config['out_dir'], 'ckpt.pt')
     if resume is not None:
         start, history = resume_from(resume, ckpt_path, model, optimizer, config)
+    else:   # what the SFT run answered, and how likely its members found the held-out pairs' responses
+        history['sft_start'] = dict(val=pair_likelihoods(model, encoded['val'], tokenizer.eot_token, config),
+                                    test=pair_likelihoods(model, encoded['test'], tokenizer.eot_token, config))
+        history['sft_start']['answers'] = answer_accuracy(model, tokenizer, answer_rows, config['max_new_tokens'],
+                                                          config['batch_size'])
     ref_chosen, ref_rejected = reference_logps['train']                       # (M or 1, N) each
 
     def batch_loss(forward, indices, it):
@@ -149,45 +164,82 @@ def train(config):
         batch = (t.to(device) for t in data.pref_batch(encoded['train'], indices, tokenizer.eot_token))
         policy_chosen, policy_rejected = pair_logprobs(forward, *batch)       # (M, B) each
         logp = dpo_logp(policy_chosen, policy_rejected, ref_chosen[:, indices], ref_rejected[:, indices],
-                        config['beta'], config['label_smoothing'])             # (M, B)
+                        config['beta'], config['label_smoothing'], config['sft_weight'],
+                        chosen_lengths['train'][indices].to(device))           # (M, B)
         return renyi_loss(logp, alpha_at(it, config['alpha'], config['alpha_ramp_iters']))
 
     def validate_at(it):
-        validate(model, encoded['val'], reference_logps['val'], tokenizer.eot_token, config, history, it)
+        validate(model, encoded['val'], reference_logps['val'], chosen_lengths['val'], tokenizer.eot_token, config,
+                 history, it)
+        watch_generations(model, tokenizer, encoded['val'], answer_rows, config, history, it)
 
     batches = data.shuffled_batches(len(encoded['train']), config['batch_size'], config['seed'])
     train_seconds = train_loop(model, params, optimizer, batches, batch_loss, config, history, start,
                                validate=validate_at, ckpt_path=ckpt_path)
 
     report, margins_by_group = dpo_report(model, encoded['test'], test_rows, reference_logps['test'],
-                                          tokenizer.eot_token, config['alpha'], config['beta'],
-                                          config['label_smoothing'], config['batch_size'])
+                                          chosen_lengths['test'], tokenizer.eot_token, config)
     report = dict(alpha=config['alpha'], beta=config['beta'], reference=config['reference']) | report
     print_report(report, margins_by_group)
     torch.save(margins_by_group, os.path.join(config['out_dir'], 'margins.pt'))  # the test pairs' margins: plots.py
-    train_margins, train_logp = reward_margins(model, encoded['train'], reference_logps['train'], tokenizer.eot_token,
-                                               config['beta'], config['label_smoothing'], config['batch_size'])
+    train_margins, train_logp = reward_margins(model, encoded['train'], reference_logps['train'],
+                                               chosen_lengths['train'], tokenizer.eot_token, config)
     shares = member_shares(train_logp, config['alpha'])  # of the training pairs' responsibility, as in train_sft.py
     report['member_share'], report['starved_members'] = shares.tolist(), starved_members(shares)
     report['train_accuracy_by_group'] = {g: (train_margins[:, mask] > 0).float().mean(1).tolist()
                                          for g, mask in group_masks(train_rows).items()}  # learned, not generalised
     print("training pairs: " + ', '.join(f"{g} " + ' '.join(f"{a:.2f}" for a in accuracy)
                                          for g, accuracy in report['train_accuracy_by_group'].items()))
+    start_test, start_answers = history['sft_start']['test'], history['sft_start']['answers']
+    report |= pair_likelihoods(model, encoded['test'], tokenizer.eot_token, config) | {
+        f'{key}_sft': value for key, value in start_test.items()}
+    report |= answer_accuracy(model, tokenizer, answer_rows, config['max_new_tokens'], config['batch_size'])
+    report |= {f'{key}_sft': value for key, value in start_answers.items()}
     report['train_seconds'] = round(train_seconds, 1)
     with open(os.path.join(config['out_dir'], 'report.json'), 'w') as f:
         json.dump(report, f, indent=2)
     return model, tokenizer, report
 
 
-def validate(model, encoded, reference_logps, pad_id, config, history, it):
+def validate(model, encoded, reference_logps, chosen_lengths, pad_id, config, history, it):
     """α-Rényi DPO loss and each member's preference accuracy on the validation pairs; printed and logged."""
-    margins, logp = reward_margins(model, encoded, reference_logps, pad_id, config['beta'], config['label_smoothing'],
-                                   config['batch_size'])
+    margins, logp = reward_margins(model, encoded, reference_logps, chosen_lengths, pad_id, config)
     loss = renyi_loss(logp, config['alpha']).item()
     history['val_iter'].append(it)
     history['val_loss'].append(loss)
     print(f"eval {it}: val loss {loss:.4f}, accuracy per member " +
           ' '.join(f"{a:.2f}" for a in (margins > 0).float().mean(1).tolist()))
+
+
+def pair_likelihoods(model, encoded, pad_id, config):
+    """Each member's mean log-likelihood of the pairs' chosen and of their rejected responses (nats per response):
+    {'logp_chosen': [M floats], 'logp_rejected': [M floats]}. DPO pushed too far lowers both."""
+    model.eval()
+    chosen, rejected = score_pairs(model, encoded, pad_id, config['batch_size'])           # (M, N) each
+    model.train()
+    return dict(logp_chosen=chosen.mean(1).tolist(), logp_rejected=rejected.mean(1).tolist())
+
+
+def watch_generations(model, tokenizer, encoded, answer_rows, config, history, it):
+    """Log what DPO has done to the answers since the SFT start: the members' likelihood of the validation pairs'
+    chosen and rejected responses, and the greedy accuracy on the SFT run's held-out prompts; warn when an
+    accuracy has fallen more than ANSWER_TOLERANCE below the SFT run's."""
+    now = pair_likelihoods(model, encoded, tokenizer.eot_token, config)
+    now |= answer_accuracy(model, tokenizer, answer_rows, config['max_new_tokens'], config['batch_size'])
+    history['generations'].append(dict(iter=it) | now)
+    start = history['sft_start']['val'] | history['sft_start']['answers']
+    show = lambda values: ' '.join(f"{v:.1f}" for v in values)
+    print(f"  log-likelihood per member, chosen {show(now['logp_chosen'])} (SFT {show(start['logp_chosen'])}), "
+          f"rejected {show(now['logp_rejected'])} (SFT {show(start['logp_rejected'])})")
+    print("  greedy accuracy on the SFT run's held-out prompts: " + ', '.join(
+        f"{kind} {share:.2f} (SFT {start['answer_accuracy'][kind]:.2f}; best member {now['best_member_accuracy'][kind]:.2f})"
+        for kind, share in now['answer_accuracy'].items()))
+    fallen = [kind for kind, share in now['answer_accuracy'].items()
+              if share < start['answer_accuracy'][kind] - ANSWER_TOLERANCE]
+    if fallen:
+        print(f"warning: the ensemble's greedy accuracy on {', '.join(fallen)} prompts fell more than "
+              f"{ANSWER_TOLERANCE} below the SFT run's: DPO is trading the answers for its margins (raise --sft_weight, "
+              "or lower --learning_rate or --beta)")
 
 
 def print_report(report, margins_by_group):
@@ -237,13 +289,15 @@ def score_pairs(model, encoded, pad_id, batch_size):
     return torch.cat(chosen, dim=-1), torch.cat(rejected, dim=-1)
 
 
-def reward_margins(model, encoded, reference_logps, pad_id, beta, label_smoothing=0.0, batch_size=32):
-    """Each member's implied reward margin beta * h_m(x) on every pair, (M, N), and its DPO log-likelihood, (M, N)."""
+def reward_margins(model, encoded, reference_logps, chosen_lengths, pad_id, config):
+    """Each member's implied reward margin beta * h_m(x) on every pair, (M, N), and its log p_m(x) as the loss
+    sees it (dpo_logp with the run's beta, label_smoothing and sft_weight), (M, N)."""
     model.eval()  # no dropout while scoring
-    chosen, rejected = score_pairs(model, encoded, pad_id, batch_size)
+    chosen, rejected = score_pairs(model, encoded, pad_id, config['batch_size'])
     model.train()
-    _, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, *reference_logps, beta)
-    logp = dpo_logp(chosen, rejected, *reference_logps, beta, label_smoothing)
+    _, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, *reference_logps, config['beta'])
+    logp = dpo_logp(chosen, rejected, *reference_logps, config['beta'], config['label_smoothing'], config['sft_weight'],
+                    chosen_lengths)
     return chosen_rewards - rejected_rewards, logp
 
 
@@ -270,7 +324,19 @@ def preference_variance(margins, contested, consensus):
     return means | dict(ratio=ratio)
 
 
-def dpo_report(model, encoded, rows, reference_logps, pad_id, alpha, beta, label_smoothing=0.0, batch_size=32):
+def best_member_by_task(margins, rows):
+    """{group: {task: the best member's accuracy on the group's contested pairs of that task}}: the sides the
+    members take within each task, where they may differ from task to task, as SFT's do (METHOD.md §3).
+    margins (M, N) = beta * h_m(x) of the N rows."""
+    best = {}
+    for i, row in enumerate(rows):
+        if row.get('kind') == 'contested':
+            best.setdefault(report_group(row), {}).setdefault(row.get('task') or '', []).append(i)
+    return {group: {task: (margins[:, columns] > 0).float().mean(1).max().item() for task, columns in sorted(tasks.items())}
+            for group, tasks in sorted(best.items())}
+
+
+def dpo_report(model, encoded, rows, reference_logps, chosen_lengths, pad_id, config):
     """Per-group preference accuracy of each member and of the ensemble, margins, routing, auroc_contested and
     preference_variance.
 
@@ -281,7 +347,7 @@ def dpo_report(model, encoded, rows, reference_logps, pad_id, alpha, beta, label
     without both kinds). preference_variance compares the members' disagreement about the preference
     probability sigmoid(beta * h_m(x)) on contested and on consensus pairs.
     """
-    margins, logp = reward_margins(model, encoded, reference_logps, pad_id, beta, label_smoothing, batch_size)
+    margins, logp = reward_margins(model, encoded, reference_logps, chosen_lengths, pad_id, config)
     columns = group_masks(rows)
     disagreement = margins.std(dim=0, unbiased=False)                              # (N,); 0 when M = 1
     contested = torch.tensor([row.get('kind') == 'contested' for row in rows])  # (N,)
@@ -291,9 +357,10 @@ def dpo_report(model, encoded, rows, reference_logps, pad_id, alpha, beta, label
         accuracy_by_group={g: (margins[:, c] > 0).float().mean(1).tolist() for g, c in columns.items()},
         ensemble_accuracy_by_group={g: (margins[:, c].mean(0) > 0).float().mean().item() for g, c in columns.items()},
         mean_margin_by_group={g: margins[:, c].mean(1).tolist() for g, c in columns.items()},
-        routing=routing_matrix(logp, alpha, [report_group(row) for row in rows]),
+        routing=routing_matrix(logp, config['alpha'], [report_group(row) for row in rows]),
         auroc_contested=safe_auroc(disagreement[contested], disagreement[consensus]),
-        preference_variance=preference_variance(margins, contested, consensus))
+        preference_variance=preference_variance(margins, contested, consensus),
+        best_member_by_task=best_member_by_task(margins, rows))
     return report, {g: margins[:, c] for g, c in columns.items()}
 
 

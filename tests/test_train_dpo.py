@@ -20,8 +20,9 @@ from lora import add_lora, lora_parameters, lora_state_dict
 from model import GPT, GPTConfig
 from train_dpo import (pair_logprobs, pair_preference_variance, preference_variance, report_group, reward_margins,
                        score_pairs)
-from trainer import base_fingerprint
 from renyi_lora import dpo_logp, dpo_loss, renyi_loss, responsibilities
+from report import answer_accuracy as report_answer_accuracy
+from trainer import base_fingerprint
 
 # ---------------------------------------------------------------------------
 # dpo_loss and dpo_logp
@@ -116,6 +117,31 @@ def test_each_member_is_trained_by_its_responsibility_times_its_own_dpo_gradient
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 3.0])
+def test_sft_weight_adds_the_routed_chosen_nll_to_the_gradient_and_nothing_to_the_value(alpha):
+    """With sft_weight gamma, renyi_loss(dpo_logp) keeps the preference's value and has the gradient of
+
+        L = -(1/B) sum_i l_alpha(x_i) - (gamma / B) sum_i sum_m w_m(x_i) * log pi_m(y_w|x_i) / |y_w|
+
+    w = softmax_m(alpha * log sigmoid(beta h_m)) held fixed: the plain formula in float64 autograd."""
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = random_logps(3, 6, seed=2)
+    lengths = torch.tensor([3.0, 7.0, 1.0, 12.0, 5.0, 2.0], dtype=torch.float64)
+    beta, gamma = 0.2, 1.5
+    chosen = policy_chosen.clone().requires_grad_()
+    logp = dpo_logp(chosen, policy_rejected, ref_chosen, ref_rejected, beta, sft_weight=gamma, chosen_lengths=lengths)
+    assert torch.equal(logp.detach(), dpo_logp(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta))
+    (grad,) = torch.autograd.grad(renyi_loss(logp, alpha), chosen)
+
+    plain = policy_chosen.clone().requires_grad_()
+    preference = torch.nn.functional.logsigmoid(beta * ((plain - ref_chosen) - (policy_rejected - ref_rejected)))
+    per_example = (preference.mean(0) if alpha == 0 else
+                   (torch.logsumexp(alpha * preference, 0) - math.log(3)) / alpha)           # l_alpha, (B,)
+    weights = torch.softmax(alpha * preference.detach(), 0)                                    # (M, B), fixed
+    loss = -per_example.mean() - gamma * (weights * plain / lengths).sum(0).mean()
+    (expected,) = torch.autograd.grad(loss, plain)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------
 # preference_variance: the members' disagreement about sigmoid(beta * h_m(x))
 
@@ -207,8 +233,8 @@ def tiny_config(files, out_dir, **overrides):
 
 def training_pair_margins(model, tokenizer, rows, reference_logps, config):
     encoded = data.encode_pref(rows, tokenizer, model.config.block_size)
-    return reward_margins(model, encoded, reference_logps, tokenizer.eot_token, config['beta'], config['label_smoothing'],
-                          config['batch_size'])[0]  # (M, N)
+    lengths = torch.tensor([len(ids) - n_prompt for (ids, n_prompt), _ in encoded])
+    return reward_margins(model, encoded, reference_logps, lengths, tokenizer.eot_token, config)[0]  # (M, N)
 
 
 def test_tiny_run_learns_its_training_pairs_and_writes_report_and_plots(files, tmp_path):
@@ -243,6 +269,13 @@ def test_tiny_run_learns_its_training_pairs_and_writes_report_and_plots(files, t
     contested = torch.cat([m for g, m in test_margins.items() if g.startswith("contested")], dim=1)
     assert saved["preference_variance"]["contested"] == pytest.approx(
         sum(loop_preference_variance(contested.tolist())) / contested.shape[1], rel=1e-6)
+    # what DPO did to the answers, beside what the SFT run answered before it (the SFT run's held-out rows)
+    answer_rows = [row for row in data.sft_rows_of(sft_config)[2] if row["kind"] in train_dpo.ANSWER_KINDS]
+    assert {key: saved[f"{key}_sft"] for key in ("answer_accuracy", "best_member_accuracy")} == json.loads(json.dumps(
+        report_answer_accuracy(sft_model, tokenizer, answer_rows, config["max_new_tokens"])))
+    assert len(saved["logp_chosen"]) == len(saved["logp_rejected_sft"]) == 2
+    assert saved["logp_chosen"] > saved["logp_rejected"] and set(saved["answer_accuracy"]) == {"conflicting", "consistent"}
+    assert set(saved["best_member_by_task"]) == {"contested/a", "contested/b"}
     plots.main([f"--out_dir={tmp_path}"])                    # the figures, from report.json and margins.pt
     for name in ("margins", "routing"):
         with open(tmp_path / f"{name}.png", "rb") as f:
@@ -382,3 +415,57 @@ def test_an_sft_run_on_another_base_is_refused(files, tmp_path):
         train_dpo.load_sft(tiny_config(files, tmp_path / "dpo", sft_dir=str(tmp_path / "sft")))
     model, _, _ = train_dpo.load_sft(tiny_config(files, tmp_path / "dpo", sft_dir=files["sft_dir"]))   # its own base
     assert base_fingerprint(model) == ckpt["base_fingerprint"]
+
+
+# ---------------------------------------------------------------------------
+# what DPO does to the answers: the read-outs against slow loops
+
+def test_pair_likelihoods_average_each_members_chosen_and_rejected_log_likelihood(files, tmp_path):
+    config = tiny_config(files, tmp_path)
+    model, tokenizer_name, _ = train_dpo.load_sft(config)
+    tokenizer = data.get_tokenizer(tokenizer_name)
+    encoded = data.encode_pref(pair_rows(), tokenizer, 64)
+    got = train_dpo.pair_likelihoods(model, encoded, tokenizer.eot_token, config)
+    model.eval()
+    one_by_one = [pair_logprobs(model, *data.pref_batch(encoded, [i], tokenizer.eot_token)) for i in range(len(encoded))]
+    for key, side in (("logp_chosen", 0), ("logp_rejected", 1)):
+        expected = torch.stack([pair[side][:, 0] for pair in one_by_one]).mean(0)            # (M,)
+        assert got[key] == pytest.approx(expected.tolist(), rel=1e-5)
+
+
+def test_answer_accuracy_against_answers_decoded_one_prompt_at_a_time(files, tmp_path):
+    """Rows whose response is the answer the ensemble (or member 1) gives when asked alone, and rows it misses."""
+    config = tiny_config(files, tmp_path)
+    model, tokenizer_name, _ = train_dpo.load_sft(config)
+    model.eval()
+    tokenizer, eot = data.get_tokenizer(tokenizer_name), data.get_tokenizer(tokenizer_name).eot_token
+    prompts = [f"Q: Tell me a word, number {k}.\nA:" for k in range(5)]     # not the benchmark's: rows judge alone
+
+    def alone(prompt, mixture):
+        idx = torch.tensor([[eot] + tokenizer.encode_ordinary(prompt)])
+        out = model.generate(idx, 6, temperature=0, stop_token=eot, mixture=mixture)        # (1, T') or (M, 1, T')
+        ids = (out if mixture else out[1])[0, idx.shape[1]:].tolist()
+        return tokenizer.decode(ids[:ids.index(eot)] if eot in ids else ids)
+
+    rows = [dict(prompt=p, kind="consistent", response=alone(p, "sequence") if k < 3 else " no such answer")
+            for k, p in enumerate(prompts)]                                                   # the ensemble: 3 of 5
+    rows += [dict(prompt=p + " ", kind="conflicting", group="a", response=alone(p + " ", None)) for p in prompts[:2]]
+    got = report_answer_accuracy(model, tokenizer, rows, 6)
+    assert got["answer_accuracy"]["consistent"] == pytest.approx(3 / 5)
+    assert got["best_member_accuracy"]["conflicting"] == 1.0                                 # member 1's own answers
+
+
+def test_the_log_warns_when_greedy_accuracy_falls_below_the_sft_runs(monkeypatch, capsys):
+    history = dict(generations=[], sft_start=dict(val=dict(logp_chosen=[-5.0], logp_rejected=[-9.0]),
+                                                  answers=dict(answer_accuracy=dict(consistent=0.8, conflicting=0.75),
+                                                               best_member_accuracy=dict(consistent=0.8, conflicting=0.75))))
+    monkeypatch.setattr(train_dpo, "pair_likelihoods", lambda *args: dict(logp_chosen=[-20.0], logp_rejected=[-40.0]))
+    monkeypatch.setattr(train_dpo, "answer_accuracy", lambda *args: dict(
+        answer_accuracy=dict(consistent=0.76, conflicting=0.25), best_member_accuracy=dict(consistent=0.8, conflicting=0.3)))
+    train_dpo.watch_generations(None, data.get_tokenizer(), [], [], dict(max_new_tokens=4, batch_size=4), history, 75)
+    out = capsys.readouterr().out
+    assert "chosen -20.0 (SFT -5.0), rejected -40.0 (SFT -9.0)" in out
+    assert "consistent 0.76 (SFT 0.80; best member 0.80)" in out                 # within 0.05: no warning for it
+    assert "warning: the ensemble's greedy accuracy on conflicting prompts fell more than 0.05" in out
+    assert history["generations"] == [dict(iter=75, logp_chosen=[-20.0], logp_rejected=[-40.0], answer_accuracy=dict(
+        consistent=0.76, conflicting=0.25), best_member_accuracy=dict(consistent=0.8, conflicting=0.3))]
