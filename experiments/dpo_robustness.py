@@ -11,6 +11,8 @@ robustness.py's SFT runs of the same set and seed, beside plain DPO from the sin
                  consensus pairs, and plain DPO's (learned, not generalised)
     auroc        auroc_contested: the members' disagreement about the margin separating contested
                  from consensus pairs (target >= 0.9)
+    answers      the ensemble's greedy accuracy by kind on the SFT run's held-out prompts, before and after
+                 DPO (target: no kind more than 0.05 lower)
     every pair   for each ordered pair of groups (g, h), the best member's accuracy on the held-out
                  pairs of g's response over h's; the worst such pair (shown, not judged: with two
                  groups it is `sides`, with more it is what the pairwise loss asks)
@@ -109,28 +111,32 @@ def row(name, seed, variant, report, single, coverage=None):
     consensus = report['ensemble_accuracy_by_group']['consensus']
     d_consensus = consensus - single['ensemble_accuracy_by_group']['consensus']
     starved = report.get('starved_members', [])
+    answers, before = report.get('answer_accuracy', {}), report.get('answer_accuracy_sft', {})  # absent in old reports
+    fallen = [kind for kind in answers if round(answers[kind] - before[kind], 6) < -0.05]
     misses = [what for what, ok in (
         ('starved', not starved), ('sides', min(sides.values()) >= 0.9), ('consensus', round(d_consensus, 6) >= -0.05),
-        ('auroc', (report['auroc_contested'] or 0) >= 0.9)) if not ok]
+        ('auroc', (report['auroc_contested'] or 0) >= 0.9), ('answers', not fallen)) if not ok]
     return dict(set=name, seed=seed, variant=variant, starved=len(starved), sides=sides, consensus=consensus,
                 d_consensus=d_consensus, worst_member_training_consensus=min(report['train_accuracy_by_group']['consensus']),
                 single_training_consensus=single['train_accuracy_by_group']['consensus'][0],
                 single_sides=max(single['accuracy_by_group'][f'contested/{g}'][0] for g in sides),
-                auroc_contested=report['auroc_contested'], pair_coverage=coverage, misses=misses)
+                auroc_contested=report['auroc_contested'], pair_coverage=coverage,
+                answers={kind: (before[kind], answers[kind]) for kind in sorted(answers)}, misses=misses)
 
 
 def table(rows):
     """Markdown: one line per run, and the targets it misses."""
     lines = ['| set | variant | seed | starved | best member per group | every pair of groups: worst | '
              'plain DPO: best group | consensus (Δ plain) | training consensus: worst member (plain) | '
-             'auroc_contested | misses |', '|---' * 11 + '|']
+             'auroc_contested | answers: SFT → DPO | misses |', '|---' * 12 + '|']
     for r in rows:
         sides = ' / '.join(f"{accuracy:.2f}" for _, accuracy in sorted(r['sides'].items()))
         auroc, coverage = ('–' if r[key] is None else f"{r[key]:.2f}" for key in ('auroc_contested', 'pair_coverage'))
+        answers = ', '.join(f"{kind} {sft:.2f} → {dpo:.2f}" for kind, (sft, dpo) in r.get('answers', {}).items()) or '–'
         lines.append(f"| {r['set']} | {r['variant']} | {r['seed']} | {r['starved']} | {sides} | {coverage} | "
                      f"{r['single_sides']:.2f} | {r['consensus']:.2f} ({r['d_consensus']:+.2f}) | "
                      f"{r['worst_member_training_consensus']:.2f} ({r['single_training_consensus']:.2f}) | {auroc} | "
-                     f"{', '.join(r['misses']) or 'none'} |")
+                     f"{answers} | {', '.join(r['misses']) or 'none'} |")
     return '\n'.join(lines)
 
 

@@ -34,12 +34,16 @@ def test_a_difference_of_exactly_the_margin_meets_the_target():
 
 
 def test_each_target_is_checked():
-    r = dpo_robustness.row('user_160', 1, 'default', report(0.85, 0.5, 0.80, 0.7, starved=[1]), SINGLE)
-    assert r['misses'] == ['starved', 'sides', 'consensus', 'auroc']
+    answers = dict(answer_accuracy=dict(consistent=0.70, conflicting=0.90),
+                   answer_accuracy_sft=dict(consistent=0.80, conflicting=0.95))        # a fall of 0.10 and one of 0.05
+    r = dpo_robustness.row('user_160', 1, 'default', report(0.85, 0.5, 0.80, 0.7, starved=[1]) | answers, SINGLE)
+    assert r['misses'] == ['starved', 'sides', 'consensus', 'auroc', 'answers']
     lines = dpo_robustness.table([r]).splitlines()
     assert len(lines) == 3
     assert lines[2] == ('| user_160 | default | 1 | 1 | 0.85 / 0.85 | – | 0.70 | 0.80 (-0.10) | 0.60 (0.95) | 0.70 | '
-                        'starved, sides, consensus, auroc |')
+                        'conflicting 0.95 → 0.90, consistent 0.80 → 0.70 | starved, sides, consensus, auroc, answers |')
+    old = dpo_robustness.row('user_160', 1, 'default', report(0.95, 0.8, 0.86, 0.92), SINGLE)   # before the read-outs
+    assert old['misses'] == [] and '| – | none |' in dpo_robustness.table([old])
 
 
 def test_pair_coverage_asks_a_member_for_every_ordered_pair_not_for_every_group():
