@@ -12,11 +12,15 @@ responses through one forward pass of all members, forms each member's DPO
 log-likelihood log p_m(x) = log sigmoid(beta * h_m(x)) (METHOD.md §1), shape (M, B),
 and minimises renyi_loss(logp, alpha), the same loss as SFT: each preference trains
 the members that already agree with it, so where annotator groups disagree the
-members take sides (for alpha > 1). The reference log-probs mix, in log space, a frozen
-copy of the SFT adapters (member m's reference is SFT member m) and the bare base model
-(reference_logprobs); they never change, so they are computed once, without gradients, and cached.
+members take sides (for alpha > 1). With sft_weight, each member also learns the chosen
+responses of the pairs routed to it, so that the margins do not grow by pushing the
+answers down. The reference log-probs mix, in log space, a frozen copy of the SFT adapters
+(member m's reference is SFT member m) and the bare base model (reference_logprobs); they
+never change, so they are computed once, without gradients, and cached.
 
-No Gaussian prior here: DPO's reference term already keeps each member near its start.
+At every evaluation the log shows what DPO does to generations: each member's likelihood of
+the chosen and rejected responses against the SFT start, and the greedy accuracy on the SFT
+run's held-out prompts against the SFT run's, with a warning when it falls; the report keeps both.
 """
 import copy
 import json
