@@ -238,10 +238,6 @@ def calibration(scores, suffix='', n_bins=10):
 # -----------------------------------------------------------------------------
 # every member's own answer, and how much the members disagree about whole answers
 
-# a preference pair's kind (data.mark_contested) names its prompt's kind as an SFT row would
-PROMPT_KIND = {'contested': 'conflicting', 'consensus': 'consistent'}
-
-
 def answer_labels(out, n_prompt, stop_token):
     """Labels that score generated answers, out (N, n_prompt + new) -> (N, n_prompt + new).
 
@@ -363,11 +359,9 @@ def answer_prompts(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
 
 
 def answers_by_kind(model, tokenizer, rows, max_new_tokens, batch_size=32):
-    """Greedy answer_prompts of the distinct prompts of rows (dicts with prompt and kind): {kind: [answer]}.
-
-    A preference pair's kind counts as its prompt's (PROMPT_KIND); rows without one are consistent.
-    """
-    kind_of = {row['prompt']: PROMPT_KIND.get(row.get('kind'), row.get('kind', 'consistent')) for row in rows}
+    """Greedy answer_prompts of the distinct prompts of SFT rows (dicts with prompt and kind): {kind: [answer]}.
+    Rows without a kind count as consistent."""
+    kind_of = {row['prompt']: row.get('kind', 'consistent') for row in rows}
     by_kind = {}
     for answer in answer_prompts(model, tokenizer, list(kind_of), max_new_tokens, batch_size=batch_size):
         by_kind.setdefault(kind_of[answer['prompt']], []).append(answer)

@@ -24,7 +24,7 @@ import torch
 import data
 from config import UserError, check_device, parse_args, run_script
 from evaluate import answer_prompts, answers_by_kind
-from trainer import load_ensemble
+from trainer import load_ensemble, read_checkpoint
 
 defaults = dict(
     out_dir='out/sft',      # a train_sft.py or train_dpo.py output directory, with its ckpt.pt
@@ -176,12 +176,11 @@ def check_lengths(prompts, tokenizer, block_size):
 
 
 def run_rows(config):
-    """(validation rows, test rows and OOD rows) of a run, derived again from its stored config."""
+    """(validation rows, test rows and OOD rows) of a run, derived again from its stored config. A train_dpo.py
+    run is judged on its SFT run's held-out prompts, whose kinds (consistent, high-entropy, ...) its pairs lack."""
     try:
-        if 'sft_dir' in config:   # a train_dpo.py run: its preference pairs' prompts
-            _, val_rows, test_rows = data.load_pref_rows(config['data'], config['val_data'],
-                                                         config.get('val_fraction', 0.1), config['seed'])
-            return val_rows, test_rows
+        if 'sft_dir' in config:
+            config = read_checkpoint(os.path.join(config['sft_dir'], 'ckpt.pt'))['config']
         _, val_rows, test_rows, ood_rows = data.sft_rows_of(config)
     except (OSError, ValueError) as error:
         raise UserError(f"the run's held-out prompts cannot be read again: {error}") from None
