@@ -133,6 +133,8 @@ def train(config):
     """DPO-train the SFT run's ensemble per config; returns (model, tokenizer, report dict)."""
     check_settings(config, positive=('beta',))
     check_alpha(config['alpha'])
+    if not config['sft_weight'] >= 0:          # NaN fails too
+        raise UserError(f"--sft_weight={config['sft_weight']}: must be >= 0")
     base_share(config['reference'])
     torch.manual_seed(config['seed'])
     device = config['device']
