@@ -11,7 +11,8 @@ eval_interval steps, the replay of a resumed run's batches, a stop before any
 non-finite update, a checkpoint on Ctrl-C, and data-parallel training under torchrun.
 
 The files: a base is a pretrain.py checkpoint (model config, weights, tokenizer name) or a
-local Hugging Face GPT-2 directory (config.json plus pytorch_model.bin or model.safetensors).
+local Hugging Face GPT-2 directory (config.json plus pytorch_model.bin or model.safetensors; its vocab.json and
+merges.txt, when present, give its tokenizer).
 A training checkpoint (ckpt.pt of train_sft.py or train_dpo.py) holds the adapters alone,
 with the optimizer, the step, the run's config, the loss history, the RNG state, the loop's
 running sums and a fingerprint of the base. Every file is written aside and then renamed, so a
@@ -242,7 +243,8 @@ def read_base_checkpoint(path):
 def base_config(path):
     """(GPTConfig, tokenizer name) of the base at path, checked without building the model: every mistake a UserError.
 
-    path: a pretrain.py checkpoint (its tokenizer is the one stored), a Hugging Face GPT-2 directory ('gpt2',
+    path: a pretrain.py checkpoint (its tokenizer is the one stored), a Hugging Face GPT-2 directory (the
+    tokenizer of its vocab.json and merges.txt, named by the directory's absolute path; without them 'gpt2',
     unless its vocabulary is exactly this project's tokenizer's, as in the tests' tiny random checkpoints), or
     DEFAULT_BASE before pretrain.py has made it (then pretrain.py's defaults).
     """
@@ -251,7 +253,10 @@ def base_config(path):
             config = hf_config(path)
         except (OSError, KeyError, ValueError) as error:
             raise UserError(f"--base={path}: {error}") from None
-        name = data.DEFAULT_TOKENIZER if config.vocab_size == data.VOCAB_SIZE else 'gpt2'
+        if all(os.path.isfile(os.path.join(path, file)) for file in data.GPT2_FILES):
+            name = os.path.abspath(path)  # never the name 'gpt2', even for a clone of Hugging Face's gpt2 directory
+        else:
+            name = data.DEFAULT_TOKENIZER if config.vocab_size == data.VOCAB_SIZE else 'gpt2'
     elif os.path.isfile(path):
         checkpoint = read_base_checkpoint(path)
         config, name = GPTConfig(**checkpoint['config']), checkpoint['tokenizer']
