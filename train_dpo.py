@@ -54,6 +54,7 @@ defaults = dict(
     label_smoothing=0.0,    # conservative DPO: the share of preference labels assumed flipped
     sft_weight=1.0,         # gamma: each member also learns the chosen responses of the pairs routed to it (per-token
                             # NLL, renyi_lora.dpo_logp), so margins cannot grow by pushing the answers down; 0: plain DPO
+    sft_replay=0.0,         # lambda: each step adds lambda x the SFT run's own loss on a batch of its training rows
     # optimisation
     max_iters=150,
     batch_size=32,          # pairs per step; 2 * batch_size sequences per forward pass
@@ -148,7 +149,9 @@ def train(config):
                for name, rows in (('train', train_rows), ('val', val_rows), ('test', test_rows))}
     chosen_lengths = {name: torch.tensor([len(ids) - n_prompt for (ids, n_prompt), _ in pairs])   # |y_w|, (N,)
                       for name, pairs in encoded.items()}
-    answer_rows = [row for row in data.sft_rows_of(sft_config)[2] if row.get('kind') in ANSWER_KINDS]
+    sft_rows = data.sft_rows_of(sft_config)
+    answer_rows = [row for row in sft_rows[2] if row.get('kind') in ANSWER_KINDS]
+    sft_set = data.encode_sft(sft_rows[0], tokenizer, model.config.block_size, truncate=sft_config['truncate'])
     model.to(device)   # every input is checked: from here on the work is expensive
     reference_logps = reference_logprobs(model, sft_config, config, encoded, tokenizer.eot_token)
     os.makedirs(config['out_dir'], exist_ok=True)
@@ -172,7 +175,11 @@ def train(config):
         logp = dpo_logp(policy_chosen, policy_rejected, ref_chosen[:, indices], ref_rejected[:, indices],
                         config['beta'], config['label_smoothing'], config['sft_weight'],
                         chosen_lengths['train'][indices].to(device))           # (M, B)
-        return renyi_loss(logp, alpha_at(it, config['alpha'], config['alpha_ramp_iters']))
+        loss = renyi_loss(logp, alpha_at(it, config['alpha'], config['alpha_ramp_iters']))
+        if config['sft_replay']:
+            loss = loss + config['sft_replay'] * replay_loss(forward, sft_set, tokenizer.eot_token, sft_config,
+                                                            config, it)
+        return loss
 
     def validate_at(it):
         validate(model, encoded['val'], reference_logps['val'], chosen_lengths['val'], tokenizer.eot_token, config,
@@ -205,6 +212,21 @@ def train(config):
     with open(os.path.join(config['out_dir'], 'report.json'), 'w') as f:
         json.dump(report, f, indent=2)
     return model, tokenizer, report
+
+
+def replay_indices(n_rows, batch_size, seed, it):
+    """The SFT rows replayed at step it: batch_size distinct indices below n_rows, drawn from (seed, it) alone, so a
+    resumed run replays the rows an uninterrupted one would."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + it)
+    return torch.randperm(n_rows, generator=generator)[:batch_size].tolist()
+
+
+def replay_loss(forward, sft_set, pad_id, sft_config, config, it):
+    """The SFT run's own loss on the rows replay_indices draws: renyi_loss at the SFT run's alpha of the members'
+    sequence log-likelihoods logp (M, B), as train_sft.py minimises it (METHOD.md §6)."""
+    indices = replay_indices(len(sft_set), config['batch_size'], config['seed'], it)
+    idx, labels = (t.to(config['device']) for t in data.sft_batch(sft_set, indices, pad_id))
+    return renyi_loss(sequence_logprobs(forward(idx), labels), sft_config['alpha'])
 
 
 def validate(model, encoded, reference_logps, chosen_lengths, pad_id, config, history, it):

@@ -470,3 +470,32 @@ def test_the_log_warns_when_greedy_accuracy_falls_below_the_sft_runs(monkeypatch
     assert "warning: the ensemble's greedy accuracy on conflicting prompts fell more than 0.05" in out
     assert history["generations"] == [dict(iter=75, logp_chosen=[-20.0], logp_rejected=[-40.0], answer_accuracy=dict(
         consistent=0.76, conflicting=0.25), best_member_accuracy=dict(consistent=0.8, conflicting=0.3))]
+
+
+# ---------------------------------------------------------------------------
+# replaying the SFT rows
+
+def test_replay_draws_distinct_rows_from_the_step_alone():
+    first = train_dpo.replay_indices(10, 4, seed=0, it=7)
+    assert first == train_dpo.replay_indices(10, 4, seed=0, it=7)          # a resumed run draws the same
+    assert len(set(first)) == 4 and all(0 <= i < 10 for i in first)
+    assert sorted(train_dpo.replay_indices(10, 20, seed=0, it=7)) == list(range(10))   # a small set: every row once
+    draws = {tuple(train_dpo.replay_indices(10, 4, seed=0, it=it)) for it in range(20)}
+    assert len(draws) > 15                                                     # steps draw different rows
+
+
+def test_replay_loss_is_the_sft_runs_renyi_loss_on_its_rows_scored_one_token_at_a_time(files, tmp_path):
+    config = tiny_config(files, tmp_path, batch_size=3)
+    model, tokenizer_name, sft_config = train_dpo.load_sft(config)
+    model.eval()
+    tokenizer = data.get_tokenizer(tokenizer_name)
+    sft_set = data.encode_sft(data.sft_rows_of(sft_config)[0], tokenizer, model.config.block_size)
+    got = train_dpo.replay_loss(model, sft_set, tokenizer.eot_token, sft_config, config, it=5)
+    columns = []
+    for i in train_dpo.replay_indices(len(sft_set), 3, config['seed'], 5):
+        ids, n_prompt = sft_set[i]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[:, 0].double()                     # (M, T, V)
+        columns.append(sum(logits[:, t - 1].log_softmax(-1)[:, ids[t]] for t in range(n_prompt, len(ids))))
+    expected = renyi_loss(torch.stack(columns, dim=1), sft_config['alpha'])   # logp (M, 3)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
