@@ -1,6 +1,7 @@
 """
 The command line: `--key=value` overrides of a script's defaults, `--help`, the
-device, and how a mistake of the user's is reported.
+device and the dtype, a batch's copy to the device, and how a mistake of the
+user's is reported.
 
 Every script keeps its settings in one commented dict of defaults, and
 parse_args overrides them from argv. Each value is checked against the type of
@@ -111,3 +112,26 @@ def check_device(device):
     if parsed.type == 'mps' and not torch.backends.mps.is_available():
         raise UserError(f"--device={device}: MPS is not available on this machine; use --device=cpu")
     return device
+
+
+DTYPES = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16)
+
+
+def torch_dtype(name, device):
+    """The torch dtype of --dtype=name on `device`, or UserError. 'auto' is bfloat16 on a CUDA device that supports
+    it (as in nanoGPT), float32 elsewhere, so the CPU default computes what it always has."""
+    cuda_bf16 = torch.device(device).type == 'cuda' and torch.cuda.is_bf16_supported()
+    if name == 'auto':
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"--dtype={name}: expected auto, float32, bfloat16 or float16")
+    if name == 'bfloat16' and torch.device(device).type == 'cuda' and not cuda_bf16:
+        raise UserError(f"--dtype=bfloat16: {device} does not support it; use --dtype=float16")
+    return DTYPES[name]
+
+
+def to_device(tensors, device):
+    """A batch's tensors on `device`; on CUDA through pinned memory, so the copy does not hold up the host."""
+    if torch.device(device).type == 'cuda':
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tuple(t.to(device) for t in tensors)

@@ -11,6 +11,10 @@ leading member axis, (M, B, T, C). Blocks below the first adapted block are froz
 and identical for every member, so they run once on (B, T, C) and their output is
 broadcast to the M members (the shared frozen trunk). During generation members'
 continuations differ, so idx may also be (M, B, T).
+
+Precision. set_dtype(torch.bfloat16) (or float16) stores the frozen weights in that dtype and
+runs the forward pass under torch.autocast to it; the logits come back in float32 whatever the
+dtype, so every log-probability read from them is float32 (METHOD.md §7).
 """
 import json
 import math
@@ -111,6 +115,7 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
         self.n_members = 0        # set by lora.add_lora; 0 means no ensemble
         self.share_trunk = True   # run frozen blocks below the first adapter once
+        self.autocast_dtype = None  # set_dtype's: forward passes run under autocast to it
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith('c_proj.weight'):  # GPT-2's scaled init of residual projections
@@ -121,6 +126,16 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             torch.nn.init.zeros_(module.bias)
+
+    def set_dtype(self, dtype):
+        """Store the frozen weights in dtype and run forward passes under autocast to it; returns self. The
+        trainable weights (the adapters, or all of a model being pretrained) stay float32. float32 changes nothing."""
+        if dtype != torch.float32:
+            for p in self.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)
+            self.autocast_dtype = dtype
+        return self
 
     def trunk_depth(self):
         """Number of leading blocks that carry no adapter (shared by all members)."""
@@ -136,7 +151,13 @@ class GPT(nn.Module):
 
         cache: None, or during generation a list of one dict per block holding the keys and
         values of the tokens before idx (filled in here); idx then continues those tokens.
+        The logits are float32 whatever autocast_dtype the layers ran in.
         """
+        with torch.autocast(idx.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.logits(idx, cache).float()
+
+    def logits(self, idx, cache=None):
+        """forward without its autocast: logits in the dtype the layers computed them in."""
         T = idx.shape[-1]
         past = cache[0]['k'].shape[2] if cache is not None and 'k' in cache[0] else 0
         assert past + T <= self.config.block_size, f"sequence of {past + T} tokens, block_size is {self.config.block_size}"

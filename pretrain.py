@@ -28,9 +28,9 @@ import torch.nn.functional as F
 import data
 from benchmark import (ANIMALS, CATEGORIES, COUNTRIES, DAYS, NUMBER_WORDS, OPPOSITES, RHYMES, article, parity,
                        upper_first)
-from config import UserError, parse_args, run_script
+from config import UserError, parse_args, run_script, to_device
 from model import GPT, GPTConfig
-from trainer import check_settings, format_seconds, save_atomically, train_loop
+from trainer import check_settings, format_seconds, save_atomically, set_precision, train_loop
 
 defaults = dict(
     data='',                # '' is the benchmark world's text (benchmark.pretrain_text); else a UTF-8 text file
@@ -59,6 +59,9 @@ defaults = dict(
     log_interval=50,
     seed=1337,
     device='cuda' if torch.cuda.is_available() else 'cpu',
+    dtype='auto',           # of the forward pass (autocast): float32, bfloat16 or float16; 'auto' is bfloat16 on a
+                            # CUDA device that has it, else float32. The weights and AdamW's state stay float32
+    compile=False,          # torch.compile the training step's forward; the first steps wait for the compiler
     train_tokenizer=False,  # instead of pretraining: learn the ranks of renyi_bpe.tiktoken again, into out/
 )
 
@@ -242,7 +245,8 @@ def make_optimizer(model, config):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=config['weight_decay']),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=config['learning_rate'], betas=(config['beta1'], config['beta2']))
+    return torch.optim.AdamW(groups, lr=config['learning_rate'], betas=(config['beta1'], config['beta2']),
+                             fused=config['device'].startswith('cuda'))   # CUDA: one kernel for all
 
 
 def model_config(config, vocab_size):
@@ -261,7 +265,7 @@ def pretrain(config):
     if config['n_embd'] % config['n_head']:
         raise UserError(f"--n_embd={config['n_embd']} must be a multiple of --n_head={config['n_head']}")
     base_config = model_config(config, tokenizer.n_vocab)
-    model = GPT(base_config).to(config['device'])
+    model = set_precision(GPT(base_config), config).to(config['device'])
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config['seed'])
     n_params = sum(p.numel() for p in model.parameters())
@@ -269,8 +273,7 @@ def pretrain(config):
           f"{config['max_iters'] * config['batch_size'] * config['block_size']} tokens to see")
 
     def batch_loss(forward, batch, it):
-        x, y = batch
-        return lm_loss(forward, x.to(config['device']), y.to(config['device']))
+        return lm_loss(forward, *to_device(batch, config['device']))
 
     windows = random_windows(train_tokens, config['batch_size'], config['block_size'], generator)
     train_loop(model, list(model.parameters()), optimizer, windows, batch_loss, config, history=dict(iter=[], loss=[]))

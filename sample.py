@@ -22,9 +22,9 @@ import sys
 import torch
 
 import data
-from config import UserError, check_device, parse_args, run_script
+from config import UserError, check_device, parse_args, run_script, torch_dtype
 from evaluate import answer_prompts, answers_by_kind
-from trainer import load_ensemble, read_checkpoint
+from trainer import load_ensemble, read_checkpoint, set_precision
 
 defaults = dict(
     out_dir='out/sft',      # a train_sft.py or train_dpo.py output directory, with its ckpt.pt
@@ -39,6 +39,8 @@ defaults = dict(
     held_out=False,         # instead of prompts: the share of each verdict on the run's test and OOD prompts
     batch_size=32,
     device='cuda' if torch.cuda.is_available() else 'cpu',
+    dtype='auto',           # of the base and the forward pass: float32, bfloat16 or float16; 'auto' is bfloat16 on a
+                            # CUDA device that has it, else float32. Log-probabilities and statistics stay float32
 )
 
 
@@ -146,6 +148,7 @@ def read_prompts(config):
 def check_settings(config):
     """Settings that cannot work fail before anything is loaded."""
     check_device(config['device'])
+    torch_dtype(config['dtype'], config['device'])
     if config['temperature'] < 0 or config['top_k'] < 0 or config['max_new_tokens'] < 1 or config['num_samples'] < 1:
         raise UserError("temperature and top_k must be >= 0, max_new_tokens and num_samples >= 1")
     if config['held_out'] and (config['prompt'] is not None or config['prompts_file']):
@@ -264,6 +267,7 @@ def main(argv):
     check_settings(config)
     prompts = None if config['held_out'] else read_prompts(config)
     model, tokenizer, run_config = load_run(config['out_dir'], config['device'])
+    set_precision(model, config)
     if prompts is not None:
         check_lengths(prompts, tokenizer, model.config.block_size)
     thresholds = load_thresholds(config['out_dir'], model, tokenizer, run_config, config['max_new_tokens'],

@@ -19,14 +19,14 @@ import torch
 import torch.distributed as dist
 
 import data
-from config import UserError, parse_args, run_script
+from config import UserError, parse_args, run_script, to_device
 from evaluate import score_rows
 from lora import add_lora
 from renyi_lora import (alpha_at, check_alpha, prior_penalty, renyi_loss, responsibilities, responsibility_entropy,
                         sequence_logprobs)
 from report import routing_matrix, sft_report, starved_members, training_routing
 from trainer import (base_config, check_settings, learning_rate, load_base, read_resume, resume_from,
-                     setup_distributed, train_loop)
+                     set_precision, setup_distributed, train_loop)
 
 defaults = dict(
     # data: '' means the built-in benchmark (benchmark.py); otherwise JSONL files of {"prompt", "response"}
@@ -60,6 +60,9 @@ defaults = dict(
     max_new_tokens=32,      # the longest answer decoded for the report
     seed=1337,
     device='cuda' if torch.cuda.is_available() else 'cpu',
+    dtype='auto',           # of the frozen base and the forward pass: float32, bfloat16 or float16; 'auto' is bfloat16
+                            # on a CUDA device that has it, else float32. Adapters, losses and read-outs stay float32
+    compile=False,          # torch.compile the training step's forward; the first steps wait for the compiler
 )
 
 
@@ -115,8 +118,9 @@ def train(config, objective=None, lr_schedule=learning_rate, on_step=None):
     if rank == 0 and world_size > 1:
         dist.barrier()  # the base exists: let the others load it
     params = add_lora(model, config['n_members'], config['lora_rank'], config['lora_alpha'])
-    model.to(device)
-    optimizer = torch.optim.AdamW(params, lr=config['learning_rate'], weight_decay=0.0)   # the prior regularises
+    set_precision(model, config).to(device)
+    optimizer = torch.optim.AdamW(params, lr=config['learning_rate'], weight_decay=0.0,  # the prior regularises
+                                  fused=device.startswith('cuda'))    # CUDA: one kernel for all
     # the responsibilities summed over the batches since the last eval, and their entropies: checkpointed
     routed = dict(routed=torch.zeros(config['n_members']), routed_entropy=torch.zeros(()))
     start, history = 0, dict(iter=[], loss=[], val_iter=[], val_nll=[], member_share=[], routing_entropy=[])
@@ -126,7 +130,7 @@ def train(config, objective=None, lr_schedule=learning_rate, on_step=None):
 
     def batch_loss(forward, indices, it):
         """The α-Rényi loss of one batch: the members' sequence log-likelihoods logp (M, B), then renyi_loss."""
-        idx, labels = (t.to(device) for t in data.sft_batch(train_set, indices, tokenizer.eot_token))
+        idx, labels = to_device(data.sft_batch(train_set, indices, tokenizer.eot_token), device)
         alpha = alpha_at(it, config['alpha'], config['alpha_ramp_iters'], config['alpha_hold_iters'])
         if objective is None:
             logp = sequence_logprobs(forward(idx), labels)                                 # (M, B)

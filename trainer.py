@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import data
-from config import UserError, check_device
+from config import UserError, check_device, torch_dtype
 from lora import add_lora, lora_state_dict
 from model import GPT, GPTConfig, hf_config
 
@@ -47,6 +47,7 @@ A_RUN = "a checkpoint of train_sft.py or train_dpo.py"
 def check_settings(config, positive=()):
     """UserError for a setting of the loop, or one of `positive`, that cannot work; and for an unavailable device."""
     check_device(config['device'])
+    torch_dtype(config.get('dtype', 'float32'), config['device'])
     for key in ('batch_size', 'learning_rate', 'grad_clip', 'log_interval', 'eval_interval', *positive):
         if key in config and not config[key] > 0:     # NaN fails too
             raise UserError(f"--{key}={config[key]}: must be > 0")
@@ -61,6 +62,17 @@ def learning_rate(it, config):
         return config['learning_rate'] * (it + 1) / config['warmup_iters']
     progress = (it - config['warmup_iters']) / max(1, config['max_iters'] - config['warmup_iters'])
     return config['min_lr'] + 0.5 * (1 + math.cos(math.pi * progress)) * (config['learning_rate'] - config['min_lr'])
+
+
+def set_precision(model, config):
+    """model.set_dtype(config's --dtype), returning model; its base's fingerprint is taken before the frozen
+    weights are rounded. On CUDA, float32 matmuls use TF32 (process-wide)."""
+    dtype = torch_dtype(config.get('dtype', 'float32'), config['device'])
+    if torch.device(config['device']).type == 'cuda':
+        torch.set_float32_matmul_precision('high')
+    if dtype != torch.float32 and not all(p.requires_grad for p in model.parameters()):
+        model.fingerprint = base_fingerprint(model)
+    return model.set_dtype(dtype)
 
 
 def format_seconds(seconds):
@@ -101,20 +113,24 @@ def train_loop(model, params, optimizer, batches, batch_loss, config, history, s
 
     batches: an iterator of batches (for SFT and DPO, lists of example indices);
       the first `start` are skipped, so a resumed run sees the same batches as an uninterrupted one.
-    batch_loss(forward, batch, it): the scalar loss of one batch at step it; forward is the
-      model, or its DistributedDataParallel wrapper under torchrun (which averages the gradients).
+    batch_loss(forward, batch, it): the scalar loss of one batch at step it; forward is the model, compiled
+      when config['compile'] (validation and generation run eager), in a DistributedDataParallel wrapper
+      under torchrun (which averages the gradients).
     history: {'iter': [...], 'loss': [...], ...}, appended to every step.
     validate(done): called every eval_interval steps and at the end, on rank 0 only; then
       the adapters are checkpointed to ckpt_path (when given), with the running sums `state`
       ({name: tensor} the caller accumulates across steps) so that a resumed run continues them.
     lr_schedule(it, config): each step's learning rate. on_step(done, model): after every optimizer step.
 
-    A non-finite loss or gradient norm stops training before the optimizer step (UserError naming
-    the step and the last checkpoint, which is never overwritten with non-finite adapters). Ctrl-C
+    A non-finite loss or gradient norm stops training before the optimizer step (UserError naming the step and
+    the last checkpoint, which is never overwritten with non-finite adapters); but a float16 model (set_precision)
+    scales its loss by a GradScaler, which skips a step whose gradients overflow and lowers the scale. Ctrl-C
     lets the step in progress finish, checkpoints it and raises KeyboardInterrupt (one process only).
     """
     rank, world_size = distributed()
-    forward = DistributedDataParallel(model) if world_size > 1 else model
+    forward = torch.compile(model) if config.get('compile') else model
+    forward = DistributedDataParallel(forward) if world_size > 1 else forward
+    scaler = torch.amp.GradScaler(torch.device(config['device']).type, enabled=model.autocast_dtype == torch.float16)
     for _ in range(start):
         next(batches)
     t_start = t_last = time.time()
@@ -134,12 +150,14 @@ def train_loop(model, params, optimizer, batches, batch_loss, config, history, s
                 group['lr'] = lr_schedule(it, config)
             loss = batch_loss(forward, next(batches), it)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config['grad_clip'])
-            if not (loss.isfinite() and grad_norm.isfinite()):
+            if not (loss.isfinite() and (grad_norm.isfinite() or scaler.is_enabled())):
                 what = f"the loss is {loss.item():.4g}, the gradient norm {grad_norm.item():.4g}"
                 raise UserError(stopped(it + 1, what, ckpt_path, last_saved))
-            optimizer.step()
+            scaler.step(optimizer)   # skipped when a float16 gradient overflowed; then the scale is lowered
+            scaler.update()
             if on_step is not None:
                 on_step(it + 1, model)
             loss = loss.detach()
@@ -296,6 +314,8 @@ def base_fingerprint(model):
     Adapters only make sense on the base they were trained on; checkpoints store this so a
     run that loads them can tell when out/base.pt has been replaced since.
     """
+    if hasattr(model, 'fingerprint'):   # set_precision's, of the weights as loaded, before it rounded them
+        return model.fingerprint
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         if not name.endswith(('lora_A', 'lora_B')):
