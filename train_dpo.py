@@ -14,7 +14,8 @@ and minimises renyi_loss(logp, alpha), the same loss as SFT: each preference tra
 the members that already agree with it, so where annotator groups disagree the
 members take sides (for alpha > 1). With sft_weight, each member also learns the chosen
 responses of the pairs routed to it, so that the margins do not grow by pushing the
-answers down. The reference log-probs mix, in log space, a frozen copy of the SFT adapters
+answers down; with sft_replay, each step also takes the SFT run's own loss on a batch of
+its training rows, so that pairs on new prompts do not overwrite what SFT taught. The reference log-probs mix, in log space, a frozen copy of the SFT adapters
 (member m's reference is SFT member m) and the bare base model (reference_logprobs); they
 never change, so they are computed once, without gradients, and cached.
 
@@ -54,7 +55,8 @@ defaults = dict(
     label_smoothing=0.0,    # conservative DPO: the share of preference labels assumed flipped
     sft_weight=1.0,         # gamma: each member also learns the chosen responses of the pairs routed to it (per-token
                             # NLL, renyi_lora.dpo_logp), so margins cannot grow by pushing the answers down; 0: plain DPO
-    sft_replay=0.0,         # lambda: each step adds lambda x the SFT run's own loss on a batch of its training rows
+    sft_replay=1.0,         # lambda: each step also takes lambda x the SFT run's own loss on batch_size of its training
+                            # rows (replay_loss), so learning new prompts does not overwrite what SFT taught; 0: off
     # optimisation
     max_iters=150,
     batch_size=32,          # pairs per step; 2 * batch_size sequences per forward pass
@@ -111,11 +113,8 @@ def load_reference(model, sft_config, config, kind):
 def reference_logprobs(model, sft_config, config, encoded, pad_id):
     """log pi_ref of every pair's chosen and rejected response, {split: (chosen, rejected)}, each (M, N) ((1, N)
     with the bare base alone): (1 - k) times the SFT members' own plus k times the base's, k = base_share.
-
     k = 0 starts every member's margin h_m at 0, so DPO splits the contested pairs afresh; k = 1 starts it at
-    what SFT taught member m, so the SFT split carries over; a small k tilts the fresh split towards the SFT
-    one (METHOD.md appendix A.3). Computed once, without gradients: the reference never changes.
-    """
+    what SFT taught member m (METHOD.md A.3). Computed once, without gradients: the reference never changes."""
     share, logps = base_share(config['reference']), {}
     for kind, weight in (('sft', 1 - share), ('base', share)):
         if weight == 0:
@@ -266,8 +265,8 @@ def watch_generations(model, tokenizer, encoded, answer_rows, config, history, i
               if share < start['answer_accuracy'][kind] - ANSWER_TOLERANCE]
     if fallen:
         print(f"warning: the ensemble's greedy accuracy on {', '.join(fallen)} prompts fell more than "
-              f"{ANSWER_TOLERANCE} below the SFT run's: DPO is trading the answers for its margins (raise --sft_weight, "
-              "or lower --learning_rate or --beta)")
+              f"{ANSWER_TOLERANCE} below the SFT run's: DPO is trading the answers for its margins (raise --sft_replay "
+              "or --sft_weight, or lower --learning_rate or --beta)")
 
 
 def print_report(report, margins_by_group):
@@ -365,16 +364,10 @@ def best_member_by_task(margins, rows):
 
 
 def dpo_report(model, encoded, rows, reference_logps, chosen_lengths, pad_id, config):
-    """Per-group preference accuracy of each member and of the ensemble, margins, routing, auroc_contested and
-    preference_variance.
-
-    Returns (report dict, {group: margins (M, n) of its pairs}). A pair counts as correct when
-    its implied reward margin beta * h_m(x) is > 0. The ensemble's margin is the mean of the
-    members' margins. Member disagreement on a pair is the standard deviation of the members'
-    margins; auroc_contested asks how well it separates contested from consensus pairs (null
-    without both kinds). preference_variance compares the members' disagreement about the preference
-    probability sigmoid(beta * h_m(x)) on contested and on consensus pairs.
-    """
+    """(report dict, {group: margins (M, n) of its pairs}): each member's and the ensemble's (mean margin) accuracy
+    per group, a pair being right when beta * h_m(x) > 0; margins; routing; auroc_contested, how well the members'
+    disagreement (the std of their margins) separates contested from consensus pairs (null without both kinds);
+    preference_variance; best_member_by_task."""
     margins, logp = reward_margins(model, encoded, reference_logps, chosen_lengths, pad_id, config)
     columns = group_masks(rows)
     disagreement = margins.std(dim=0, unbiased=False)                              # (N,); 0 when M = 1

@@ -16,6 +16,7 @@ import train_dpo
 import train_sft
 import trainer
 from config import UserError
+from evaluate import score_rows
 from lora import add_lora, lora_parameters, lora_state_dict
 from model import GPT, GPTConfig
 from train_dpo import (pair_logprobs, pair_preference_variance, preference_variance, report_group, reward_margins,
@@ -228,7 +229,7 @@ def tiny_config(files, out_dir, **overrides):
     return train_dpo.defaults | dict(
         sft_dir=files["sft_dir"], data=files["pairs"], val_data=files["pairs"], out_dir=str(out_dir), max_iters=120,
         batch_size=8, learning_rate=1e-2, warmup_iters=2, beta=0.5, log_interval=20, eval_interval=30, seed=0,
-        device="cpu") | overrides
+        device="cpu", sft_replay=0.0) | overrides     # the replay has tests of its own, below
 
 
 def training_pair_margins(model, tokenizer, rows, reference_logps, config):
@@ -250,9 +251,9 @@ def test_tiny_run_learns_its_training_pairs_and_writes_report_and_plots(files, t
     margins = training_pair_margins(model, tokenizer, rows, reference_logps, config)     # (M, N)
     consensus = torch.tensor([row["kind"] == "consensus" for row in rows])
     assert (margins[:, consensus] > 0).float().mean(1).min() == 1.0                       # every member, every pair
-    for group in ("a", "b"):
-        in_group = torch.tensor([row["group"] == group for row in rows])
-        assert (margins[:, in_group] > 0).float().mean(1).max() == 1.0                    # some member takes its side
+    for group in ("a", "b"):   # every contested pair has a member on its side, so each prompt is split; which
+        in_group = torch.tensor([row["group"] == group for row in rows])    # member sides with a may change from
+        assert (margins[:, in_group] > 0).any(0).all()      # prompt to prompt, as after SFT (METHOD.md A.6)
     with open(tmp_path / "report.json") as f:
         saved = json.load(f)
     assert saved == json.loads(json.dumps(report))
@@ -335,7 +336,7 @@ class Interrupted(Exception):
 def test_resume_continues_exactly(files, tmp_path, monkeypatch):
     """2N steps straight equal N steps, a stop and N resumed steps, to the bit (as for train_sft.py)."""
     n = 4
-    common = dict(max_iters=2 * n, eval_interval=n, log_interval=n)
+    common = dict(max_iters=2 * n, eval_interval=n, log_interval=n, sft_replay=1.0)     # the replay's draws too
     straight, _, _ = train_dpo.train(tiny_config(files, tmp_path / "straight", **common))
     save = trainer.save_checkpoint
 
@@ -499,3 +500,24 @@ def test_replay_loss_is_the_sft_runs_renyi_loss_on_its_rows_scored_one_token_at_
         columns.append(sum(logits[:, t - 1].log_softmax(-1)[:, ids[t]] for t in range(n_prompt, len(ids))))
     expected = renyi_loss(torch.stack(columns, dim=1), sft_config['alpha'])   # logp (M, 3)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_replay_holds_the_sft_rows_that_pairs_on_other_prompts_pull_away(files, tmp_path):
+    """DPO on pairs whose prompts no SFT row has lowers the SFT rows' likelihood less with the replay than without."""
+    pairs = [dict(prompt=f"Q: Describe a {animal}.\nA:", chosen=f" {sound}!", rejected=" Capital: Lima.")
+             for animal, sound in (("sheep", "baa"), ("pig", "oink"), ("owl", "hoot"), ("goat", "bleat"))]
+    data.write_jsonl(pairs, tmp_path / "new.jsonl")
+    sft_logp = {}
+    for replay in (0.0, 1.0):
+        config = tiny_config(files, tmp_path / str(replay), data=str(tmp_path / "new.jsonl"),
+                             val_data=str(tmp_path / "new.jsonl"), max_iters=16, sft_replay=replay)
+        model, tokenizer, _ = train_dpo.train(config)
+        model.eval()
+        sft_rows = data.sft_rows_of(train_dpo.load_sft(config)[2])[0]
+        sft_logp[replay] = score_rows(model, tokenizer, sft_rows, 8)['logp'].mean().item()
+    start_model, tokenizer_name, sft_config = train_dpo.load_sft(config)
+    start_model.eval()
+    start = score_rows(start_model, data.get_tokenizer(tokenizer_name), data.sft_rows_of(sft_config)[0], 8)
+    start = start['logp'].mean().item()
+    assert sft_logp[0.0] < start - 1.0                      # the new pairs pull the SFT answers away...
+    assert abs(sft_logp[1.0] - start) < 0.5 * abs(sft_logp[0.0] - start)    # ...the replay holds them
