@@ -15,9 +15,10 @@ the members that already agree with it, so where annotator groups disagree the
 members take sides (for alpha > 1). With sft_weight, each member also learns the chosen
 responses of the pairs routed to it, so that the margins do not grow by pushing the
 answers down; with sft_replay, each step also takes the SFT run's own loss on a batch of
-its training rows, so that pairs on new prompts do not overwrite what SFT taught. The reference log-probs mix, in log space, a frozen copy of the SFT adapters
-(member m's reference is SFT member m) and the bare base model (reference_logprobs); they
-never change, so they are computed once, without gradients, and cached.
+its training rows, so that pairs on new prompts do not overwrite what SFT taught. The
+reference log-probs mix, in log space, a frozen copy of the SFT adapters (member m's
+reference is SFT member m) and the bare base model (reference_logprobs); they never
+change, so they are computed once, without gradients, and cached.
 
 At every evaluation the log shows what DPO does to generations: each member's likelihood of
 the chosen and rejected responses against the SFT start, and the greedy accuracy on the SFT
@@ -30,12 +31,13 @@ import os
 import torch
 
 import data
-from config import UserError, parse_args, run_script
+from config import UserError, parse_args, run_script, to_device
 from evaluate import device_of, safe_auroc
 from lora import lora_parameters
 from renyi_lora import alpha_at, check_alpha, dpo_logp, dpo_loss, renyi_loss, sequence_logprobs
 from report import answer_accuracy, member_shares, routing_matrix, starved_members
-from trainer import check_settings, load_base, load_ensemble, read_resume, resume_from, run_base, train_loop
+from trainer import (check_settings, load_base, load_ensemble, read_resume, resume_from, run_base, set_precision,
+                     train_loop)
 
 defaults = dict(
     # data: '' means the benchmark's preference pairs; otherwise JSONL files of {"prompt", "chosen", "rejected"}
@@ -48,8 +50,7 @@ defaults = dict(
     out_dir='out/dpo',
     resume=False,           # continue from out_dir/ckpt.pt
     # the objective; n_members and the LoRA shape come from the SFT run
-    alpha=3.0,              # a contested pair and its swap are flat in the members' spread at alpha = 1, so only
-                            # alpha > 1 splits them; a larger alpha settles the split faster
+    alpha=3.0,              # only alpha > 1 splits a contested pair and its swap (flat in the members' spread at 1)
     alpha_ramp_iters=0,     # raise alpha linearly from 0 over these first iters (0: no ramp), see renyi_lora.alpha_at
     beta=0.1,               # inverse temperature of the implied reward beta * log(pi / pi_ref)
     label_smoothing=0.0,    # conservative DPO: the share of preference labels assumed flipped
@@ -70,6 +71,9 @@ defaults = dict(
     max_new_tokens=32,      # the longest answer decoded when the log and report check the model still answers
     seed=1337,
     device='cuda' if torch.cuda.is_available() else 'cpu',
+    dtype='auto',           # of the frozen base and the forward pass: float32, bfloat16 or float16; 'auto' is bfloat16
+                            # on a CUDA device that has it, else float32. Adapters, losses and read-outs stay float32
+    compile=False,          # torch.compile the training step's forward; the first steps wait for the compiler
 )
 
 
@@ -104,9 +108,10 @@ def load_reference(model, sft_config, config, kind):
     """A frozen reference policy: kind 'sft', a copy of the SFT ensemble (logits (M, B, T, V)); 'base', the bare
     base ((B, T, V))."""
     if kind == 'sft':
-        reference = copy.deepcopy(model)
+        reference = copy.deepcopy(model)                      # in the policy's dtype already
     else:
         reference, _ = load_base(run_base(sft_config), config['device'])
+        set_precision(reference.requires_grad_(False), config)
     return reference.requires_grad_(False).eval().to(config['device'])
 
 
@@ -133,8 +138,9 @@ def train(config):
     """DPO-train the SFT run's ensemble per config; returns (model, tokenizer, report dict)."""
     check_settings(config, positive=('beta',))
     check_alpha(config['alpha'])
-    if not config['sft_weight'] >= 0:          # NaN fails too
-        raise UserError(f"--sft_weight={config['sft_weight']}: must be >= 0")
+    for key in ('sft_weight', 'sft_replay'):
+        if not config[key] >= 0:          # NaN fails too
+            raise UserError(f"--{key}={config[key]}: must be >= 0")
     base_share(config['reference'])
     torch.manual_seed(config['seed'])
     device = config['device']
@@ -151,11 +157,12 @@ def train(config):
     sft_rows = data.sft_rows_of(sft_config)
     answer_rows = [row for row in sft_rows[2] if row.get('kind') in ANSWER_KINDS]
     sft_set = data.encode_sft(sft_rows[0], tokenizer, model.config.block_size, truncate=sft_config['truncate'])
-    model.to(device)   # every input is checked: from here on the work is expensive
+    set_precision(model, config).to(device)   # every input is checked: from here on the work is expensive
     reference_logps = reference_logprobs(model, sft_config, config, encoded, tokenizer.eot_token)
     os.makedirs(config['out_dir'], exist_ok=True)
     params = lora_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=config['learning_rate'], weight_decay=config['weight_decay'])
+    optimizer = torch.optim.AdamW(params, lr=config['learning_rate'], weight_decay=config['weight_decay'],
+                                  fused=device.startswith('cuda'))    # CUDA: one kernel for all
     start, history = 0, dict(iter=[], loss=[], val_iter=[], val_loss=[], generations=[])
     ckpt_path = os.path.join(config['out_dir'], 'ckpt.pt')
     if resume is not None:
@@ -169,16 +176,14 @@ def train(config):
 
     def batch_loss(forward, indices, it):
         """The α-Rényi loss of one batch: the members' DPO log-likelihoods logp (M, B), then renyi_loss."""
-        batch = (t.to(device) for t in data.pref_batch(encoded['train'], indices, tokenizer.eot_token))
+        batch = to_device(data.pref_batch(encoded['train'], indices, tokenizer.eot_token), device)
         policy_chosen, policy_rejected = pair_logprobs(forward, *batch)       # (M, B) each
         logp = dpo_logp(policy_chosen, policy_rejected, ref_chosen[:, indices], ref_rejected[:, indices],
                         config['beta'], config['label_smoothing'], config['sft_weight'],
                         chosen_lengths['train'][indices].to(device))           # (M, B)
         loss = renyi_loss(logp, alpha_at(it, config['alpha'], config['alpha_ramp_iters']))
-        if config['sft_replay']:
-            loss = loss + config['sft_replay'] * replay_loss(forward, sft_set, tokenizer.eot_token, sft_config,
-                                                            config, it)
-        return loss
+        replay = replay_loss(forward, sft_set, tokenizer.eot_token, sft_config, config, it) if config['sft_replay'] else 0
+        return loss + config['sft_replay'] * replay
 
     def validate_at(it):
         validate(model, encoded['val'], reference_logps['val'], chosen_lengths['val'], tokenizer.eot_token, config,
@@ -222,9 +227,9 @@ def replay_indices(n_rows, batch_size, seed, it):
 
 def replay_loss(forward, sft_set, pad_id, sft_config, config, it):
     """The SFT run's own loss on the rows replay_indices draws: renyi_loss at the SFT run's alpha of the members'
-    sequence log-likelihoods logp (M, B), as train_sft.py minimises it (METHOD.md §6)."""
+    sequence log-likelihoods logp (M, B), as train_sft.py minimises it (METHOD.md §1)."""
     indices = replay_indices(len(sft_set), config['batch_size'], config['seed'], it)
-    idx, labels = (t.to(config['device']) for t in data.sft_batch(sft_set, indices, pad_id))
+    idx, labels = to_device(data.sft_batch(sft_set, indices, pad_id), config['device'])
     return renyi_loss(sequence_logprobs(forward(idx), labels), sft_config['alpha'])
 
 

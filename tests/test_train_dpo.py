@@ -397,7 +397,8 @@ def test_malformed_pair_file_fails_with_file_and_line(tmp_path, line, message):
                                           ("--reference=1.5", "got '1.5'"), ("--reference=nan", "got 'nan'"),
                                           ("--alpha=-1", "alpha must be a finite number >= 0"),
                                           ("--beta=high", "--beta=high: expected float"),
-                                          ("--sft_weight=-1", "--sft_weight=-1.0: must be >= 0")])
+                                          ("--sft_weight=-1", "--sft_weight=-1.0: must be >= 0"),
+                                          ("--sft_replay=-1", "--sft_replay=-1.0: must be >= 0")])
 def test_bad_settings_fail_before_training(tmp_path, arg, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         train_dpo.main([arg, f"--out_dir={tmp_path / 'never'}", f"--sft_dir={tmp_path / 'no_sft'}"])
