@@ -91,3 +91,19 @@ def test_train_false_tabulates_only_finished_runs(tmp_path):
     lines = (tmp_path / 'dpo_table.md').read_text().splitlines()
     assert len(lines) == 3 and lines[2].startswith('| user_160 | default | 1337 | 0 | 0.95 / 0.95 | – | 0.70 |')
     assert (tmp_path / 'data' / 'user_160' / 'pairs_train.jsonl').exists()
+
+
+def test_the_new_prompts_set_keeps_pairs_and_held_out_prompts_off_the_sft_rows():
+    """experiments.new_prompts: no pair and no held-out row shares a prompt with an SFT row, each contested prompt
+    has both personas' pairs, and each held-out continent prompt both personas' answers."""
+    from experiments.new_prompts import make_set, parse_variants
+    rows = make_set(0)
+    sft_prompts = {row['prompt'] for row in rows['sft']}
+    assert not sft_prompts & {row['prompt'] for row in rows['pairs'] + rows['pairs_val'] + rows['held_out']}
+    pairs = rows['pairs'] + rows['pairs_val']
+    for prompt in {pair['prompt'] for pair in pairs if pair.get('group')}:
+        assert sorted(pair['group'] for pair in pairs if pair['prompt'] == prompt) == ['casual', 'formal']
+    conflicting = [row for row in rows['held_out'] if row['kind'] == 'conflicting']
+    assert len(conflicting) == 12 and len({row['prompt'] for row in conflicting}) == 6
+    assert parse_variants("sft_replay=0;sft_replay=0,sft_weight=0") == [{'sft_replay': '0'},
+                                                                         {'sft_replay': '0', 'sft_weight': '0'}]

@@ -143,7 +143,7 @@ def test_without_a_base_every_input_is_refused_in_seconds_before_pretraining(fil
 SCRIPTS = ["train_sft", "train_dpo", "pretrain", "sample", "plots", "stability", "benchmark", "baselines.compare",
            "baselines.ual"] + [f"experiments.{name}" for name in (
                "alpha_star", "alpha_sweep", "conflict_sets", "diagnose", "dpo_disagreement", "dpo_robustness",
-               "long_study", "paper_study", "robustness", "stability_observed", "throughput")]
+               "long_study", "new_prompts", "paper_study", "robustness", "stability_observed", "throughput")]
 
 
 @pytest.mark.parametrize("module", SCRIPTS)
