@@ -30,6 +30,7 @@ import os
 
 import torch
 
+import bpe
 import data
 from config import UserError, parse_args, run_script, to_device
 from evaluate import device_of, safe_auroc
@@ -71,8 +72,7 @@ defaults = dict(
     max_new_tokens=32,      # the longest answer decoded when the log and report check the model still answers
     seed=1337,
     device='cuda' if torch.cuda.is_available() else 'cpu',
-    dtype='auto',           # of the frozen base and the forward pass: float32, bfloat16 or float16; 'auto' is bfloat16
-                            # on a CUDA device that has it, else float32. Adapters, losses and read-outs stay float32
+    dtype='auto',           # the frozen base and forward pass (float32|bfloat16|float16; auto: bf16 on CUDA that has it)
     compile=False,          # torch.compile the training step's forward; the first steps wait for the compiler
 )
 
@@ -149,7 +149,7 @@ def train(config):
     lora = model.lora_config
     resume = (read_resume(config['out_dir'], lora['n_members'], lora['rank'], lora['lora_alpha'])
               if config['resume'] else None)
-    tokenizer = data.get_tokenizer(tokenizer_name)
+    tokenizer = bpe.get_tokenizer(tokenizer_name)
     encoded = {name: data.encode_pref(rows, tokenizer, model.config.block_size, truncate=config['truncate'])
                for name, rows in (('train', train_rows), ('val', val_rows), ('test', test_rows))}
     chosen_lengths = {name: torch.tensor([len(ids) - n_prompt for (ids, n_prompt), _ in pairs])   # |y_w|, (N,)

@@ -18,6 +18,7 @@ import os
 import torch
 import torch.distributed as dist
 
+import bpe
 import data
 from config import UserError, parse_args, run_script, to_device
 from evaluate import score_rows
@@ -75,7 +76,7 @@ def read_inputs(config):
     check_schedule(config)
     rows = data.load_sft_rows(config['data'], config['val_data'], config['ood_data'], seed=config['seed'])
     base, tokenizer_name = base_config(config['base'])
-    tokenizer = data.get_tokenizer(tokenizer_name)
+    tokenizer = bpe.get_tokenizer(tokenizer_name)
     train_set = data.encode_sft(rows[0], tokenizer, base.block_size, truncate=config['truncate'])
     resume = None
     if config['resume']:

@@ -19,6 +19,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import bpe
 import data
 from config import UserError, parse_args, run_script
 from lora import lora_parameters
@@ -162,7 +163,7 @@ def load_single_adapter(sft_dir, device):
                         "coincide, on one adapter; train one with `python train_sft.py --n_members=1 "
                         "--out_dir=out/sft_single` and pass that")
     model, tokenizer_name, run_config = load_ensemble(ckpt_path, 'cpu')
-    return model.eval().to(device), data.get_tokenizer(tokenizer_name), run_config
+    return model.eval().to(device), bpe.get_tokenizer(tokenizer_name), run_config
 
 
 def estimation_rows(config, run_config):

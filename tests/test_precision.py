@@ -2,7 +2,6 @@
 bfloat16 training step against the float32 one, float32 read-outs under autocast, float16's loss scaling,
 compiled logits and gradients against eager ones, a bfloat16 run's checkpoint on the float32 base, and a bad
 --dtype as one line and exit status 2."""
-import copy
 import os
 
 import pytest

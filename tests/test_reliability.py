@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import bpe
 import data
 import sample
 import train_dpo
@@ -223,7 +224,7 @@ def test_a_hugging_face_gpt2_directory_is_a_base(files, tmp_path, capsys):
 
 def test_a_gpt2_sized_directory_takes_the_gpt2_tokenizer(tmp_path):
     try:
-        data.get_tokenizer("gpt2")
+        bpe.get_tokenizer("gpt2")
     except UserError:
         pytest.skip("tiktoken's GPT-2 files are not cached here (no network): the error is tested above")
     from model import GPT, GPTConfig

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+import bpe
 import data
 import plots
 import train_sft
@@ -119,7 +120,7 @@ def test_tiny_run_lowers_the_loss_and_writes_report_and_plots(files, tmp_path):
     config = tiny_config(files, tmp_path)
     train_rows = load_rows(config)[0]
     base, tokenizer_name = load_base(config['base'], config['device'])
-    tokenizer = data.get_tokenizer(tokenizer_name)
+    tokenizer = bpe.get_tokenizer(tokenizer_name)
     add_lora(base, config["n_members"], config["lora_rank"], config["lora_alpha"])  # B = 0: every member is the base
     loss_before = training_set_loss(base, tokenizer, train_rows, config)
 
@@ -249,7 +250,7 @@ def test_validation_runs_without_dropout_and_leaves_the_model_training(files, tm
     add_lora(model, config["n_members"], config["lora_rank"], config["lora_alpha"])
     val_rows, history = load_rows(config)[1], dict(val_iter=[], val_nll=[])
     for it in (1, 2):
-        train_sft.validate_and_log(model, data.get_tokenizer(tokenizer_name), val_rows, config, history, it)
+        train_sft.validate_and_log(model, bpe.get_tokenizer(tokenizer_name), val_rows, config, history, it)
     assert history["val_nll"][0] == history["val_nll"][1]
     assert model.training
 
