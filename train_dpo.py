@@ -2,7 +2,7 @@
 α-Rényi DPO of an ensemble of LoRA adapters, starting from a train_sft.py run.
 
     python train_dpo.py                              # the benchmark's preference pairs, from out/sft
-    python train_dpo.py --sft_dir=out/sft_single --out_dir=out/dpo_single   # an M=1 SFT run: plain DPO
+    python train_dpo.py --sft_dir=out/sft_single --out_dir=out/dpo_single   # from an M=1 SFT run: one adapter
     python train_dpo.py --reference=base             # reference policy: the bare base model
     python train_dpo.py --reference=0.1              # log pi_ref: 0.9 x each member's SFT adapter's + 0.1 x the base's
     python train_dpo.py --data=pairs.jsonl --val_data=pairs_val.jsonl
@@ -10,7 +10,7 @@
 The policy starts from the SFT run's M adapters. Each step runs chosen and rejected
 responses through one forward pass of all members, forms each member's DPO
 log-likelihood log p_m(x) = log sigmoid(beta * h_m(x)) (METHOD.md §1), shape (M, B),
-and minimises renyi_loss(logp, alpha), the same loss as SFT: each preference trains
+and minimises renyi_loss(logp, alpha), the loss of SFT: each preference trains
 the members that already agree with it, so where annotator groups disagree the
 members take sides (for alpha > 1). With sft_weight, each member also learns the chosen
 responses of the pairs routed to it, so that the margins do not grow by pushing the
@@ -56,9 +56,9 @@ defaults = dict(
     beta=0.1,               # inverse temperature of the implied reward beta * log(pi / pi_ref)
     label_smoothing=0.0,    # conservative DPO: the share of preference labels assumed flipped
     sft_weight=1.0,         # gamma: each member also learns the chosen responses of the pairs routed to it (per-token
-                            # NLL, renyi_lora.dpo_logp), so margins cannot grow by pushing the answers down; 0: plain DPO
-    sft_replay=1.0,         # lambda: each step also takes lambda x the SFT run's own loss on batch_size of its training
-                            # rows (replay_loss), so learning new prompts does not overwrite what SFT taught; 0: off
+                            # NLL, renyi_lora.dpo_logp), so margins do not grow by pushing the answers down; 0: off
+    sft_replay=1.0,         # rho: each step also takes rho x the SFT run's loss on batch_size of its training rows
+                            # (replay_loss), so pairs on new prompts do not overwrite what SFT taught; 0: off
     # optimisation
     max_iters=150,
     batch_size=32,          # pairs per step; 2 * batch_size sequences per forward pass
@@ -175,7 +175,7 @@ def train(config):
     ref_chosen, ref_rejected = reference_logps['train']                       # (M or 1, N) each
 
     def batch_loss(forward, indices, it):
-        """The α-Rényi loss of one batch: the members' DPO log-likelihoods logp (M, B), then renyi_loss."""
+        """The members' DPO log-likelihoods logp (M, B) of a batch of pairs, renyi_loss of them, plus the replay."""
         batch = to_device(data.pref_batch(encoded['train'], indices, tokenizer.eot_token), device)
         policy_chosen, policy_rejected = pair_logprobs(forward, *batch)       # (M, B) each
         logp = dpo_logp(policy_chosen, policy_rejected, ref_chosen[:, indices], ref_rejected[:, indices],
@@ -226,8 +226,8 @@ def replay_indices(n_rows, batch_size, seed, it):
 
 
 def replay_loss(forward, sft_set, pad_id, sft_config, config, it):
-    """The SFT run's own loss on the rows replay_indices draws: renyi_loss at the SFT run's alpha of the members'
-    sequence log-likelihoods logp (M, B), as train_sft.py minimises it (METHOD.md §1)."""
+    """The SFT run's α-Rényi loss on the rows replay_indices draws: renyi_loss at the SFT run's alpha of the members'
+    sequence log-likelihoods logp (M, B), without its prior (METHOD.md §1)."""
     indices = replay_indices(len(sft_set), config['batch_size'], config['seed'], it)
     idx, labels = to_device(data.sft_batch(sft_set, indices, pad_id), config['device'])
     return renyi_loss(sequence_logprobs(forward(idx), labels), sft_config['alpha'])
