@@ -382,12 +382,13 @@ def main(argv):
     config = parse_args(DEFAULTS, argv)
     splits = make_benchmark(config["seed"], config["consensus_rejected"], config["corrupt"])   # checks corrupt
     os.makedirs(config["out_dir"], exist_ok=True)
+    splits["sft_held_out"] = splits["sft_test"] + splits["ood"]    # as --val_data: test rows, then kind "ood"
     for name, rows in splits.items():
         with open(os.path.join(config["out_dir"], f"{name}.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         print(f"{name}: {len(rows)} rows")
     print(f"wrote {config['out_dir']}/; train on them with python train_sft.py --data={config['out_dir']}/sft_train.jsonl "
-          f"--val_data={config['out_dir']}/sft_test.jsonl --ood_data={config['out_dir']}/ood.jsonl")
+          f"--val_data={config['out_dir']}/sft_held_out.jsonl")
 
 
 if __name__ == "__main__":

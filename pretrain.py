@@ -25,7 +25,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-import bpe
+import data
 from benchmark import (ANIMALS, CATEGORIES, COUNTRIES, DAYS, NUMBER_WORDS, OPPOSITES, RHYMES, article, parity,
                        upper_first)
 from config import UserError, parse_args, run_script, to_device
@@ -35,7 +35,7 @@ from trainer import check_settings, format_seconds, save_atomically, set_precisi
 defaults = dict(
     data='',                # '' is the benchmark world's text (benchmark.pretrain_text); else a UTF-8 text file
     out_path='out/base.pt',
-    tokenizer=bpe.DEFAULT_TOKENIZER,  # or 'gpt2', which needs tiktoken's GPT-2 files on disk
+    tokenizer=data.DEFAULT_TOKENIZER,  # or 'gpt2', which needs tiktoken's GPT-2 files on disk
     # model: 4 layers of width 128 learn the world's facts in a few hundred steps on a CPU
     n_layer=4,
     n_head=4,
@@ -131,11 +131,11 @@ def pretrain_text(seed=0, n_documents=20_000):
         chosen = rng.choices(sentences, k=rng.randint(3, 10))
         chosen = [s.lower()[:-1] + "!" if rng.random() < 0.1 and s.endswith(".") else s for s in chosen]
         documents.append("\n".join(chosen))
-    return bpe.EOT.join(documents)
+    return data.EOT.join(documents)
 
 
 # -----------------------------------------------------------------------------
-# the tokenizer: byte-level BPE learned from that text (bpe.py loads the result)
+# the tokenizer: byte-level BPE learned from that text (data.py loads the result)
 
 def merge(word, left, right):
     """Replace every adjacent (left, right) in the list of byte strings `word` by left + right."""
@@ -150,14 +150,14 @@ def merge(word, left, right):
     return merged
 
 
-def train_bpe(text, vocab_size=bpe.VOCAB_SIZE):
+def train_bpe(text, vocab_size=data.VOCAB_SIZE):
     """Learn byte-level BPE ranks {token bytes: rank} from `text` by counting.
 
     Start from the 256 single bytes; repeatedly merge the most frequent adjacent
     pair (counted over distinct pieces, weighted by how often each occurs) until
     there are vocab_size - 1 tokens, leaving the last id for <|endoftext|>.
     """
-    piece_counts = Counter(re.findall(bpe.PATTERN, text))
+    piece_counts = Counter(re.findall(data.PATTERN, text))
     pieces = [[bytes([b]) for b in piece.encode("utf-8")] for piece in piece_counts]
     counts = list(piece_counts.values())
     ranks = {bytes([b]): b for b in range(256)}
@@ -198,7 +198,7 @@ def load_tokens(config, tokenizer):
     else:
         text = pretrain_text(seed=0)
     # <|endoftext|> in the text separates documents, as in GPT-2's training data
-    tokens = torch.tensor(tokenizer.encode(text, allowed_special={bpe.EOT}), dtype=torch.long)
+    tokens = torch.tensor(tokenizer.encode(text, allowed_special={data.EOT}), dtype=torch.long)
     n_val = int(len(tokens) * config['val_fraction'])
     if len(tokens) - n_val <= config['block_size'] or n_val <= config['block_size']:
         raise UserError(f"{config['data'] or 'pretraining text'}: {len(tokens)} tokens is too short for "
@@ -260,7 +260,7 @@ def pretrain(config):
     t_start = time.time()
     check_settings(config, positive=('n_layer', 'n_head', 'n_embd', 'block_size', 'eval_iters'))
     torch.manual_seed(config['seed'])
-    tokenizer = bpe.get_tokenizer(config['tokenizer'])
+    tokenizer = data.get_tokenizer(config['tokenizer'])
     train_tokens, val_tokens = load_tokens(config, tokenizer)
     if config['n_embd'] % config['n_head']:
         raise UserError(f"--n_embd={config['n_embd']} must be a multiple of --n_head={config['n_head']}")
@@ -289,10 +289,10 @@ def pretrain(config):
 def main(argv):
     config = parse_args(defaults, argv)
     if config['train_tokenizer']:
-        path = os.path.join(os.path.dirname(config['out_path']) or '.', os.path.basename(bpe.RANKS_PATH))
+        path = os.path.join(os.path.dirname(config['out_path']) or '.', os.path.basename(data.RANKS_PATH))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_ranks(train_bpe(pretrain_text(seed=0)), path)
-        print(f"wrote {path}; the shipped {bpe.RANKS_PATH} is this file when the text has not changed")
+        print(f"wrote {path}; the shipped {data.RANKS_PATH} is this file when the text has not changed")
         return
     pretrain(config)
 

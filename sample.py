@@ -21,7 +21,6 @@ import sys
 
 import torch
 
-import bpe
 import data
 from config import UserError, check_device, parse_args, run_script, torch_dtype
 from evaluate import answer_prompts, answers_by_kind
@@ -167,7 +166,7 @@ def load_run(out_dir, device):
         raise UserError(f"{out_dir} has no ckpt.pt: expected the output directory of train_sft.py or train_dpo.py")
     with contextlib.redirect_stdout(sys.stderr):   # its warnings must not mix with --json lines
         model, tokenizer_name, run_config = load_ensemble(os.path.join(out_dir, 'ckpt.pt'), 'cpu')
-    return model.to(device), bpe.get_tokenizer(tokenizer_name), run_config
+    return model.to(device), data.get_tokenizer(tokenizer_name), run_config
 
 
 def check_lengths(prompts, tokenizer, block_size):

@@ -30,7 +30,6 @@ import os
 
 import torch
 
-import bpe
 import data
 from config import UserError, parse_args, run_script, to_device
 from evaluate import device_of, safe_auroc
@@ -44,7 +43,6 @@ defaults = dict(
     # data: '' means the benchmark's preference pairs; otherwise JSONL files of {"prompt", "chosen", "rejected"}
     data='',
     val_data='',            # held-out pairs; '' holds out a seeded 10 % of the training prompts
-    truncate=False,         # pairs longer than the base's block_size: error (False) or cut the prompt's start
     sft_dir='out/sft',      # the train_sft.py run to start from (its ckpt.pt): `python train_sft.py --out_dir=...`
     reference='sft',        # 'sft': member m's reference is its own frozen SFT adapter; 'base': the bare base model;
                             # a number k in [0, 1]: log pi_ref = (1 - k) log pi_sft_m + k log pi_base
@@ -149,14 +147,14 @@ def train(config):
     lora = model.lora_config
     resume = (read_resume(config['out_dir'], lora['n_members'], lora['rank'], lora['lora_alpha'])
               if config['resume'] else None)
-    tokenizer = bpe.get_tokenizer(tokenizer_name)
-    encoded = {name: data.encode_pref(rows, tokenizer, model.config.block_size, truncate=config['truncate'])
+    tokenizer = data.get_tokenizer(tokenizer_name)
+    encoded = {name: data.encode_pref(rows, tokenizer, model.config.block_size)
                for name, rows in (('train', train_rows), ('val', val_rows), ('test', test_rows))}
     chosen_lengths = {name: torch.tensor([len(ids) - n_prompt for (ids, n_prompt), _ in pairs])   # |y_w|, (N,)
                       for name, pairs in encoded.items()}
     sft_rows = data.sft_rows_of(sft_config)
     answer_rows = [row for row in sft_rows[2] if row.get('kind') in ANSWER_KINDS]
-    sft_set = data.encode_sft(sft_rows[0], tokenizer, model.config.block_size, truncate=sft_config['truncate'])
+    sft_set = data.encode_sft(sft_rows[0], tokenizer, model.config.block_size)
     set_precision(model, config).to(device)   # every input is checked: from here on the work is expensive
     reference_logps = reference_logprobs(model, sft_config, config, encoded, tokenizer.eot_token)
     os.makedirs(config['out_dir'], exist_ok=True)

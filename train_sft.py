@@ -18,7 +18,6 @@ import os
 import torch
 import torch.distributed as dist
 
-import bpe
 import data
 from config import UserError, parse_args, run_script, to_device
 from evaluate import score_rows
@@ -32,9 +31,8 @@ from trainer import (base_config, check_settings, learning_rate, load_base, read
 defaults = dict(
     # data: '' means the built-in benchmark (benchmark.py); otherwise JSONL files of {"prompt", "response"}
     data='',
-    val_data='',            # held-out rows; '' holds out a seeded 10 % of the training prompts
-    ood_data='',            # out-of-distribution prompts for auroc_ood; '' means none (benchmark: its OOD set)
-    truncate=False,         # rows longer than the base's block_size: error (False) or cut the prompt's start
+    val_data='',            # held-out rows, those of "kind": "ood" out-of-distribution prompts for auroc_ood;
+                            # '' holds out a seeded 10 % of the training prompts
     base='out/base.pt',     # a pretrain.py checkpoint (made by pretrain.py when this default is missing) or a local
                             # Hugging Face GPT-2 directory (config.json plus weights); its tokenizer comes with it
     out_dir='out/sft',
@@ -74,10 +72,10 @@ def read_inputs(config):
     check_settings(config, positive=('n_members', 'lora_rank'))
     check_alpha(config['alpha'])
     check_schedule(config)
-    rows = data.load_sft_rows(config['data'], config['val_data'], config['ood_data'], seed=config['seed'])
+    rows = data.load_sft_rows(config['data'], config['val_data'], seed=config['seed'])
     base, tokenizer_name = base_config(config['base'])
-    tokenizer = bpe.get_tokenizer(tokenizer_name)
-    train_set = data.encode_sft(rows[0], tokenizer, base.block_size, truncate=config['truncate'])
+    tokenizer = data.get_tokenizer(tokenizer_name)
+    train_set = data.encode_sft(rows[0], tokenizer, base.block_size)
     resume = None
     if config['resume']:
         resume = read_resume(config['out_dir'], config['n_members'], config['lora_rank'], config['lora_alpha'])

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-import bpe
+import data
 from config import UserError, check_device, torch_dtype
 from lora import add_lora, lora_state_dict
 from model import GPT, GPTConfig, hf_config
@@ -271,20 +271,20 @@ def base_config(path):
             config = hf_config(path)
         except (OSError, KeyError, ValueError) as error:
             raise UserError(f"--base={path}: {error}") from None
-        if all(os.path.isfile(os.path.join(path, file)) for file in bpe.GPT2_FILES):
+        if all(os.path.isfile(os.path.join(path, file)) for file in data.GPT2_FILES):
             name = os.path.abspath(path)  # never the name 'gpt2', even for a clone of Hugging Face's gpt2 directory
         else:
-            name = bpe.DEFAULT_TOKENIZER if config.vocab_size == bpe.VOCAB_SIZE else 'gpt2'
+            name = data.DEFAULT_TOKENIZER if config.vocab_size == data.VOCAB_SIZE else 'gpt2'
     elif os.path.isfile(path):
         checkpoint = read_base_checkpoint(path)
         config, name = GPTConfig(**checkpoint['config']), checkpoint['tokenizer']
     elif os.path.normpath(path) == DEFAULT_BASE:          # pretrain.py's defaults are GPTConfig's
-        config, name = GPTConfig(vocab_size=bpe.VOCAB_SIZE), bpe.DEFAULT_TOKENIZER
+        config, name = GPTConfig(vocab_size=data.VOCAB_SIZE), data.DEFAULT_TOKENIZER
     else:
         raise UserError(f"--base={path} not found: expected a checkpoint of pretrain.py (make one with "
                         f"`python pretrain.py --out_path={path}`) or a Hugging Face GPT-2 directory")
-    if bpe.get_tokenizer(name).n_vocab > config.vocab_size:
-        raise UserError(f"tokenizer {name} has {bpe.get_tokenizer(name).n_vocab} tokens, more than the "
+    if data.get_tokenizer(name).n_vocab > config.vocab_size:
+        raise UserError(f"tokenizer {name} has {data.get_tokenizer(name).n_vocab} tokens, more than the "
                         f"vocabulary of {config.vocab_size} of the base {path}")
     return config, name
 

@@ -13,7 +13,7 @@ import json
 
 import torch
 
-import bpe
+import data
 import train_sft
 from config import UserError, parse_args, run_script
 from evaluate import epistemic_per_token, score_rows
@@ -51,7 +51,7 @@ def label_smoothing(config):
     else:
         read_checkpoint(config['ual_teacher'])
         teacher, tokenizer_name, _ = load_ensemble(config['ual_teacher'], config['device'], base=config['base'])
-        uncertainty = rescaled_epistemic(teacher.to(config['device']), bpe.get_tokenizer(tokenizer_name), train_rows,
+        uncertainty = rescaled_epistemic(teacher.to(config['device']), data.get_tokenizer(tokenizer_name), train_rows,
                                          config['batch_size'])
     return ual_smoothing(uncertainty, config['ual_eps_min'], config['ual_eps_max'])
 

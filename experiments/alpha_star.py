@@ -19,7 +19,6 @@ import torch
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import bpe
 import data
 from config import UserError, parse_args, run_script
 from lora import lora_parameters
@@ -163,7 +162,7 @@ def load_single_adapter(sft_dir, device):
                         "coincide, on one adapter; train one with `python train_sft.py --n_members=1 "
                         "--out_dir=out/sft_single` and pass that")
     model, tokenizer_name, run_config = load_ensemble(ckpt_path, 'cpu')
-    return model.eval().to(device), bpe.get_tokenizer(tokenizer_name), run_config
+    return model.eval().to(device), data.get_tokenizer(tokenizer_name), run_config
 
 
 def estimation_rows(config, run_config):
@@ -234,7 +233,7 @@ def main(argv=None):
     start = time.time()
     model, tokenizer, run_config = load_single_adapter(config['sft_dir'], config['device'])
     rows = estimation_rows(config, run_config)
-    encoded = data.encode_sft(rows, tokenizer, model.config.block_size, truncate=run_config.get('truncate', False))
+    encoded = data.encode_sft(rows, tokenizer, model.config.block_size)
     n_train = len(data.sft_rows_of(run_config)[0])     # the prior the adapter was trained with: the run's N
     prior_precision = 1 / (n_train * run_config['sigma_p'] ** 2)                 # Lambda, METHOD.md §2
     n_params = sum(p.numel() for p in lora_parameters(model))

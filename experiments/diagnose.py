@@ -26,7 +26,6 @@ import math
 import torch
 
 import benchmark
-import bpe
 import data
 from config import UserError, parse_args, run_script
 from evaluate import answers_by_kind, auroc, held_out_batches, score_rows
@@ -105,7 +104,7 @@ def main(argv):
     kinds = sorted({row.get('kind', 'consistent') for row in test_rows})
     if config['kind'] not in kinds:
         raise UserError(f"kind {config['kind']!r}: the held-out rows of {config['run']} have {', '.join(kinds)}")
-    tokenizer = bpe.get_tokenizer(tokenizer_name)
+    tokenizer = data.get_tokenizer(tokenizer_name)
     model.eval()
     n_members = model.lora_config['n_members']
 

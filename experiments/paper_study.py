@@ -57,9 +57,10 @@ def noise_files(study_dir, share):
     """The benchmark with a share of its consistent training responses made wrong, written as JSONL (as
     `python benchmark.py --corrupt=share` does): the train_sft.py keys that train on it and test on its test split."""
     splits, paths = benchmark.make_benchmark(seed=0, corrupt=share), {}
-    for key, split in (('data', 'sft_train'), ('val_data', 'sft_test'), ('ood_data', 'ood')):
-        paths[key] = os.path.join(study_dir, 'data', f'noise{share}', f'{split}.jsonl')
-        data.write_jsonl(splits[split], paths[key])
+    for key, name, rows in (('data', 'sft_train', splits['sft_train']),
+                            ('val_data', 'sft_held_out', splits['sft_test'] + splits['ood'])):   # OOD: kind "ood"
+        paths[key] = os.path.join(study_dir, 'data', f'noise{share}', f'{name}.jsonl')
+        data.write_jsonl(rows, paths[key])
     return paths
 
 

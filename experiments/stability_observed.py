@@ -22,7 +22,6 @@ import time
 
 import torch
 
-import bpe
 import data
 import train_sft
 from config import parse_args, run_script
@@ -114,7 +113,7 @@ def fixed_alpha_grid(config):
     """{M: {alpha: spread history}} over the grid, printed as a table of final / initial spreads."""
     single, tokenizer_name, run_config = load_ensemble(os.path.join(config['sft_dir'], 'ckpt.pt'))
     theta_star = [p.detach().clone() for p in lora_parameters(single)]
-    tokenizer = bpe.get_tokenizer(tokenizer_name)
+    tokenizer = data.get_tokenizer(tokenizer_name)
     rows = data.sft_rows_of(run_config)[0]
     encoded = data.encode_sft(rows, tokenizer, single.config.block_size)
     alphas = [float(a) for a in config['alphas'].split(',')]
@@ -142,7 +141,7 @@ def split_onset(config):
     run_config = dict(train_sft.defaults, out_dir=config['onset_dir'], device='cpu')
     rows = data.load_sft_rows('')[0]
     base, tokenizer_name = load_base(run_config['base'])
-    tokenizer = bpe.get_tokenizer(tokenizer_name)
+    tokenizer = data.get_tokenizer(tokenizer_name)
     encoded = data.encode_sft(rows, tokenizer, base.config.block_size)
     kinds = {kind: [i for i, row in enumerate(rows) if row['kind'] == kind] for kind in ('conflicting', 'consistent')}
     watched = {kind: data.sft_batch(encoded, indices, tokenizer.eot_token) for kind, indices in kinds.items()}

@@ -58,8 +58,7 @@ def test_written_noisy_benchmark_loads_back_as_the_rows_it_was_made_of(tmp_path,
     """`python benchmark.py --corrupt=0.2` then train_sft.py on its files trains on the rows that
     make_benchmark(corrupt=0.2) makes in memory: kinds and corrupted flags included."""
     benchmark.main([f"--out_dir={tmp_path}", "--corrupt=0.2"])
-    train, val, test, ood = data.load_sft_rows(str(tmp_path / "sft_train.jsonl"), str(tmp_path / "sft_test.jsonl"),
-                                               str(tmp_path / "ood.jsonl"))
+    train, val, test, ood = data.load_sft_rows(str(tmp_path / "sft_train.jsonl"), str(tmp_path / "sft_held_out.jsonl"))
     _, noisy = clean_and_noisy
     for loaded, made in ((train, noisy["sft_train"]), (test, noisy["sft_test"]), (ood, noisy["ood"])):
         assert len(loaded) == len(made)

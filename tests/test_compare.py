@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-import bpe
 import data
 from baselines import compare, ual
 from config import UserError
@@ -80,7 +79,7 @@ def test_high_entropy_nll_matches_the_saved_map_adapter_scored_alone(run):
     load_adapters(model, str(out / "map" / "ckpt.pt"))
     model.eval()
     high_entropy = [row for row in held_out_rows(config) if row["kind"] == "high_entropy"]
-    scores = score_rows(model, bpe.get_tokenizer(tokenizer_name), high_entropy, map_config['batch_size'])
+    scores = score_rows(model, data.get_tokenizer(tokenizer_name), high_entropy, map_config['batch_size'])
     expected = -scores["logp"].sum().item() / scores["n_tokens"].sum().item()   # per-token NLL, M = 1
     assert dict(rows)[LABELS[0]]["nll_high_entropy"] == pytest.approx(expected, rel=1e-4)
 
@@ -93,7 +92,7 @@ def test_sequence_nll_of_the_saved_ensemble_by_a_python_loop(run):
     model, tokenizer_name = load_base(ensemble_config['base'], ensemble_config['device'])
     load_adapters(model, str(out / "deep_ensemble" / "ckpt.pt"))
     model.eval()
-    scores = score_rows(model, bpe.get_tokenizer(tokenizer_name), held_out_rows(config), ensemble_config['batch_size'])
+    scores = score_rows(model, data.get_tokenizer(tokenizer_name), held_out_rows(config), ensemble_config['batch_size'])
     total = math.fsum(math.log(math.fsum(math.exp(v) for v in column) / len(column))
                       for column in scores["logp"].double().t().tolist())
     expected = -total / scores["n_tokens"].sum().item()

@@ -12,7 +12,6 @@ import pytest
 
 import benchmark
 from experiments import conflict_sets
-import bpe
 import data
 from experiments.conflict_sets import FAMILY, make_conflict_set
 
@@ -30,7 +29,7 @@ def prompts(rows):
 
 
 def response_tokens(rows):
-    tokenizer = bpe.get_tokenizer()
+    tokenizer = data.get_tokenizer()
     return statistics.mean(len(tokenizer.encode_ordinary(row["response"])) for row in rows)
 
 
@@ -165,7 +164,7 @@ def test_per_prompt_groups_write_the_prompts_facts_with_their_own_keys():
 
 
 def test_every_row_fits_the_block_size():
-    tokenizer = bpe.get_tokenizer()
+    tokenizer = data.get_tokenizer()
     extremes = [make_conflict_set(n_rows=200, response_words=conflict_sets.MAX_RESPONSE_WORDS,
                                   n_groups=conflict_sets.MAX_GROUPS, imbalance=0.5, convention=convention, seed=seed)
                 for convention in conflict_sets.CONVENTIONS for seed in (0, 1)]

@@ -7,7 +7,6 @@ import pytest
 import tiktoken
 import torch
 
-import bpe
 import data
 from config import UserError
 
@@ -44,7 +43,7 @@ UNICODE_TEXTS = [
 
 @pytest.mark.parametrize("text", UNICODE_TEXTS)
 def test_tokenizer_round_trips_unicode(text):
-    tokenizer = bpe.get_tokenizer()
+    tokenizer = data.get_tokenizer()
     ids = tokenizer.encode_ordinary(text)
     assert tokenizer.decode(ids) == text
     assert tokenizer.eot_token not in ids  # encode_ordinary never produces the special token
@@ -54,22 +53,22 @@ def test_tokenizer_round_trips_random_code_points():
     rng = random.Random(0)
     code_points = [rng.randrange(0x110000) for _ in range(2000)]
     text = "".join(chr(c) for c in code_points if not 0xD800 <= c <= 0xDFFF)  # no lone surrogates in UTF-8
-    tokenizer = bpe.get_tokenizer()
+    tokenizer = data.get_tokenizer()
     assert tokenizer.decode(tokenizer.encode_ordinary(text)) == text
 
 
 def test_tokenizer_is_a_tiktoken_encoding_with_eot_last():
-    tokenizer = bpe.get_tokenizer()
+    tokenizer = data.get_tokenizer()
     assert isinstance(tokenizer, tiktoken.Encoding)
-    assert tokenizer.n_vocab == bpe.VOCAB_SIZE
-    assert tokenizer.eot_token == bpe.VOCAB_SIZE - 1
-    assert tokenizer.encode(bpe.EOT, allowed_special={bpe.EOT}) == [tokenizer.eot_token]
-    assert tokenizer.decode([tokenizer.eot_token]) == bpe.EOT
+    assert tokenizer.n_vocab == data.VOCAB_SIZE
+    assert tokenizer.eot_token == data.VOCAB_SIZE - 1
+    assert tokenizer.encode(data.EOT, allowed_special={data.EOT}) == [tokenizer.eot_token]
+    assert tokenizer.decode([tokenizer.eot_token]) == data.EOT
 
 
 def test_gpt2_tokenizer_loads_or_fails_with_one_line():
     try:
-        tokenizer = bpe.get_tokenizer("gpt2")
+        tokenizer = data.get_tokenizer("gpt2")
     except UserError as error:
         message = str(error)
         assert "\n" not in message
@@ -83,7 +82,7 @@ def test_gpt2_tokenizer_offline_error_is_one_line(monkeypatch):
         raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'\nmore detail")
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(UserError) as excinfo:
-        bpe.get_tokenizer.__wrapped__("gpt2")  # bypass the cache, which may hold a loaded gpt2
+        data.get_tokenizer.__wrapped__("gpt2")  # bypass the cache, which may hold a loaded gpt2
     message = str(excinfo.value)
     assert "\n" not in message
     assert message.startswith("tokenizer gpt2: tiktoken could not load its GPT-2 files (ConnectionError)")
@@ -91,7 +90,7 @@ def test_gpt2_tokenizer_offline_error_is_one_line(monkeypatch):
 
 def test_unknown_tokenizer_name_is_rejected():
     with pytest.raises(UserError, match="tokenizer gpt-2: unknown"):
-        bpe.get_tokenizer("gpt-2")
+        data.get_tokenizer("gpt-2")
 
 
 # ---------------------------------------------------------------------------
@@ -182,15 +181,15 @@ def test_pref_batch_pads_chosen_and_rejected_to_one_length():
 
 
 def test_real_tokenizer_labels_decode_to_response_and_eot(bench):
-    tokenizer = bpe.get_tokenizer()
+    tokenizer = data.get_tokenizer()
     rows = bench["sft_train"][:4]
     encoded = data.encode_sft(rows, tokenizer, block_size=128)
     idx, labels = data.sft_batch(encoded, range(4), tokenizer.eot_token)
     for row, ids, targets in zip(rows, idx.tolist(), labels.tolist()):
         n_prompt = next(t for t, label in enumerate(targets) if label != -100)
         n_ids = len(targets) - next(t for t, label in enumerate(reversed(targets)) if label != -100)
-        assert tokenizer.decode(ids[:n_prompt]) == bpe.EOT + row["prompt"]
-        assert tokenizer.decode(targets[n_prompt:n_ids]) == row["response"] + bpe.EOT
+        assert tokenizer.decode(ids[:n_prompt]) == data.EOT + row["prompt"]
+        assert tokenizer.decode(targets[n_prompt:n_ids]) == row["response"] + data.EOT
         assert all(label == -100 for label in targets[n_ids:]) and all(i == tokenizer.eot_token for i in ids[n_ids:])
 
 

@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-import bpe
 import data
 from experiments import common, diagnose
 import train_sft
@@ -56,7 +55,7 @@ def test_first_and_rest_add_up_to_the_reports_summed_disagreement(run):
     """first + rest * (n - 1) is the equal-weight epistemic uncertainty summed over the response (evaluate.score_batches)."""
     model, tokenizer_name, _ = diagnose.load_ensemble(f"{run['out_dir']}/ckpt.pt")
     model.eval()
-    tokenizer = bpe.get_tokenizer(tokenizer_name)
+    tokenizer = data.get_tokenizer(tokenizer_name)
     rows = data.load_sft_jsonl(run['data'])
     first, rest = diagnose.first_and_rest(model, tokenizer, rows, batch_size=3)
     for i, row in enumerate(rows):

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-import bpe
+import data
 import evaluate
 import report
 from evaluate import score_batches
@@ -136,7 +136,7 @@ def test_score_batches_mixtures_token_by_token_against_a_slow_loop():
 
 def test_greedy_accuracy_takes_any_groups_answer_on_a_conflicting_prompt(monkeypatch):
     """A user's conflicting prompt has one row per group; the ensemble's answer counts if it is one group's."""
-    tokenizer = bpe.get_tokenizer()
+    tokenizer = data.get_tokenizer()
     answer = {'Tell me about Spain.': ' madrid!', 'Tell me about Peru.': ' Lima is nice.'}
 
     def fake_decode(model, prompt, max_new_tokens, stop_token, mixture):

@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-import bpe
 import data
 import train_sft
 from config import run_script
@@ -91,7 +90,7 @@ def test_length_normalise_routes_per_token_and_logs_the_mean_routing_entropy(fil
     batches = data.shuffled_batches(len(train_rows), config["batch_size"], config["seed"])
     model, tokenizer_name = load_base(config["base"], config["device"])
     add_lora(model, config["n_members"], config["lora_rank"], config["lora_alpha"])   # B = 0: step 0's members
-    tokenizer = bpe.get_tokenizer(tokenizer_name)
+    tokenizer = data.get_tokenizer(tokenizer_name)
     per_token, summed = [], []                                          # entropy of every routed example, by step
     for step in range(config["max_iters"]):
         if states[step] is not None:

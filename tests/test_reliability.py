@@ -13,7 +13,6 @@ import time
 import pytest
 import torch
 
-import bpe
 import data
 import sample
 import train_dpo
@@ -66,7 +65,7 @@ def expect_one_error_line(capsys, message):
 @pytest.mark.parametrize("args, message", [
     (["--data={root}/bad.jsonl"], "{root}/bad.jsonl:3: field 'response' must be a string, got int"),
     (["--val_data={root}/none.jsonl"], "{root}/none.jsonl not found"),
-    (["--ood_data={root}/latin1.jsonl"], "{root}/latin1.jsonl:1: not UTF-8 text"),
+    (["--val_data={root}/latin1.jsonl"], "{root}/latin1.jsonl:1: not UTF-8 text"),
     (["--alpha=-1"], "alpha must be a finite number >= 0, got -1.0"),
     (["--lora_rank=0"], "--lora_rank=0: must be > 0"),
     (["--device=gpu"], "--device=gpu: not a torch device"),
@@ -224,7 +223,7 @@ def test_a_hugging_face_gpt2_directory_is_a_base(files, tmp_path, capsys):
 
 def test_a_gpt2_sized_directory_takes_the_gpt2_tokenizer(tmp_path):
     try:
-        bpe.get_tokenizer("gpt2")
+        data.get_tokenizer("gpt2")
     except UserError:
         pytest.skip("tiktoken's GPT-2 files are not cached here (no network): the error is tested above")
     from model import GPT, GPTConfig

@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 
-import bpe
 import data
 import sample
 import train_dpo
@@ -102,13 +101,13 @@ def random_ensemble(seed=0, n_members=3, eot_bias=0.0):
     eot_bias raises the end-of-text logit by about that much, so that some answers stop early.
     """
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=32, vocab_size=bpe.VOCAB_SIZE, n_layer=2, n_head=2, n_embd=32))
+    model = GPT(GPTConfig(block_size=32, vocab_size=data.VOCAB_SIZE, n_layer=2, n_head=2, n_embd=32))
     params = add_lora(model, n_members, 4, 8.0)
     with torch.no_grad():
         for p in params:
             if p.dim() == 3 and p.shape[-1] == 4:       # lora_B (M, out, r)
                 p.normal_(0, 0.5)
-        eot = model.transformer.wte.weight[bpe.get_tokenizer().eot_token].clone()
+        eot = model.transformer.wte.weight[data.get_tokenizer().eot_token].clone()
         model.transformer.ln_f.bias += eot_bias * eot / eot.norm() ** 2
     return model.eval(), params
 
@@ -141,7 +140,7 @@ def test_the_verdicts_epistemic_weighs_members_by_their_posterior():
     model, _ = random_ensemble()
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
-    tokenizer = bpe.get_tokenizer()
+    tokenizer = data.get_tokenizer()
     stop = tokenizer.eot_token
     for prompt, answer in zip(PROMPTS, answer_prompts(model, tokenizer, PROMPTS, max_new_tokens=5)):
         prompt_ids = [stop] + tokenizer.encode_ordinary(prompt)
@@ -154,7 +153,7 @@ def test_the_verdicts_epistemic_weighs_members_by_their_posterior():
 @pytest.mark.parametrize("eot_bias", [0.2, 0.3])   # some answers stop early; some members give the same answer
 def test_answer_prompts_match_a_slow_loop(eot_bias):
     model, _ = random_ensemble(eot_bias=eot_bias)
-    tokenizer = bpe.get_tokenizer()
+    tokenizer = data.get_tokenizer()
     stop = tokenizer.eot_token
     answers = answer_prompts(model, tokenizer, PROMPTS, max_new_tokens=5)
     assert [a["prompt"] for a in answers] == PROMPTS
@@ -195,7 +194,7 @@ def runs(tmp_path_factory):
     """An SFT run directory (a random base and ensemble, its config naming a user's data) and a DPO one on it."""
     root = tmp_path_factory.mktemp("sample")
     model, params = random_ensemble(n_members=2)
-    base = dict(config=dataclasses.asdict(model.config), tokenizer=bpe.DEFAULT_TOKENIZER,
+    base = dict(config=dataclasses.asdict(model.config), tokenizer=data.DEFAULT_TOKENIZER,
                 model={k: v for k, v in model.state_dict().items() if not k.endswith(("lora_A", "lora_B"))})
     torch.save(base, root / "base.pt")
     rows = [dict(prompt=f"Q: {q}\nA:", response=r) for q, r in CONSISTENT for _ in range(2)]
@@ -226,7 +225,7 @@ def test_thresholds_are_fitted_on_the_validation_prompts_the_first_time(runs, ca
     assert "fitting the verdict's thresholds on the run's" in written.err
     with open(os.path.join(runs[run], "verdict.json")) as f:
         thresholds = json.load(f)
-    val_rows = data.load_sft_rows(str(runs["root"] / "sft.jsonl"), "", "", 0.5, 0)[1]
+    val_rows = data.load_sft_rows(str(runs["root"] / "sft.jsonl"), "", 0.5, 0)[1]
     kinds = {row["prompt"]: row["kind"] for row in val_rows}
     assert thresholds["n_prompts"] == {k: list(kinds.values()).count(k) for k in sorted(set(kinds.values()))}
     assert set(thresholds["n_prompts"]) == {"conflicting", "consistent"}

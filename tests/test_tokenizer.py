@@ -1,4 +1,4 @@
-"""A Hugging Face GPT-2 directory's own tokenizer (vocab.json + merges.txt, bpe.gpt2_encoding): on a tiny
+"""A Hugging Face GPT-2 directory's own tokenizer (vocab.json + merges.txt, data.gpt2_encoding): on a tiny
 vocabulary written here, tiktoken's encoding of it against a slow reference BPE, its pre-tokenisation against
 tiktoken's own 'gpt2' pattern, every malformed file as one line naming it, and a run on such a directory that
 never asks tiktoken for its GPT-2 files."""
@@ -13,7 +13,6 @@ import tiktoken
 import torch
 from tiktoken_ext.openai_public import r50k_pat_str   # the pattern of tiktoken's 'gpt2', no download needed
 
-import bpe
 import data
 import sample
 import train_sft
@@ -43,7 +42,7 @@ def gpt2_vocab(merges):
     spelling = gpt2_spelling()
     bytes_in_rank_order = sorted(range(256), key=lambda b: ord(spelling[b]) >= 256)   # stable: byte order within
     tokens = [spelling[b] for b in bytes_in_rank_order] + [first + second for first, second in merges]
-    return {token: i for i, token in enumerate(tokens)} | {bpe.EOT: len(tokens)}
+    return {token: i for i, token in enumerate(tokens)} | {data.EOT: len(tokens)}
 
 
 def write_tokenizer(directory, merges=MERGES, vocab=None):
@@ -75,7 +74,7 @@ def reference_bpe(text, merges=MERGES):
 
 def test_bytes_are_spelt_and_ranked_as_in_gpt2():
     """Hand-checked against GPT-2's real ids: '!' is 0, byte 0 is 'Ā' at 188, '\\n' is 'Ċ' at 198, ' ' is 'Ġ' at 220."""
-    characters = bpe.gpt2_byte_characters()
+    characters = data.gpt2_byte_characters()
     rank_of = {byte: rank for rank, byte in enumerate(characters.values())}
     assert (rank_of[ord("!")], rank_of[0], rank_of[ord("\n")], rank_of[ord(" ")]) == (0, 188, 198, 220)
     assert (characters["Ā"], characters["Ċ"], characters["Ġ"]) == (0, 10, 32)
@@ -87,34 +86,34 @@ def test_gpt2_pattern_splits_as_tiktoken_gpt2():
     alphabet = "ab é1 2\n\t\r'sltvm.,!-_漢🙂\u00a0"
     texts = TEXTS + ["".join(rng.choice(alphabet) for _ in range(rng.randrange(40))) for _ in range(300)]
     for text in texts:
-        assert regex.findall(bpe.GPT2_PATTERN, text) == regex.findall(r50k_pat_str, text), text
+        assert regex.findall(data.GPT2_PATTERN, text) == regex.findall(r50k_pat_str, text), text
 
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_directory_encoding_is_the_reference_bpe(tmp_path, text):
-    tokenizer = bpe.get_tokenizer(write_tokenizer(tmp_path))
+    tokenizer = data.get_tokenizer(write_tokenizer(tmp_path))
     ids = tokenizer.encode_ordinary(text)
     assert ids == reference_bpe(text)
     assert tokenizer.decode(ids) == text
 
 
 def test_directory_encoding_merges_and_keeps_endoftext_at_its_vocab_id(tmp_path):
-    tokenizer = bpe.get_tokenizer(write_tokenizer(tmp_path))
+    tokenizer = data.get_tokenizer(write_tokenizer(tmp_path))
     vocab = gpt2_vocab(MERGES)
     assert tokenizer.encode_ordinary(" the") == [vocab["Ġthe"]]                 # two merges deep
     assert tokenizer.encode_ordinary("é") == [vocab["Ã©"]]
-    assert tokenizer.n_vocab == 256 + len(MERGES) + 1 and tokenizer.eot_token == vocab[bpe.EOT] == 268
-    assert tokenizer.encode("a<|endoftext|>", allowed_special={bpe.EOT}) == [vocab["a"], 268]
+    assert tokenizer.n_vocab == 256 + len(MERGES) + 1 and tokenizer.eot_token == vocab[data.EOT] == 268
+    assert tokenizer.encode("a<|endoftext|>", allowed_special={data.EOT}) == [vocab["a"], 268]
 
 
 def test_base_config_names_the_directory_and_falls_back_without_merges(tmp_path, monkeypatch):
-    write_hf_checkpoint(GPT(GPTConfig(block_size=8, vocab_size=bpe.VOCAB_SIZE, n_layer=1, n_head=1, n_embd=8)),
+    write_hf_checkpoint(GPT(GPTConfig(block_size=8, vocab_size=data.VOCAB_SIZE, n_layer=1, n_head=1, n_embd=8)),
                         tmp_path / "gpt2")
     write_tokenizer(tmp_path / "gpt2")
     monkeypatch.chdir(tmp_path)
     assert base_config("gpt2")[1] == str(tmp_path / "gpt2")    # a path, never mistaken for tiktoken's 'gpt2'
     os.remove(tmp_path / "gpt2" / "merges.txt")
-    assert base_config("gpt2")[1] == bpe.DEFAULT_TOKENIZER    # as before: its vocabulary is this project's size
+    assert base_config("gpt2")[1] == data.DEFAULT_TOKENIZER    # as before: its vocabulary is this project's size
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -127,7 +126,7 @@ def test_base_config_names_the_directory_and_falls_back_without_merges(tmp_path,
     ("vocab.json", json.dumps(gpt2_vocab(MERGES[::-1])), "vocab.json: token 'he' has id 267, but merges.txt puts it "
                                                          "at rank 256"),
     ("vocab.json", json.dumps(gpt2_vocab(MERGES) | {"xyz": 269}), "vocab.json: token 'xyz' is made by no merge"),
-    ("vocab.json", json.dumps(gpt2_vocab(MERGES) | {bpe.EOT: 3}), "vocab.json: expected <|endoftext|> with an id"),
+    ("vocab.json", json.dumps(gpt2_vocab(MERGES) | {data.EOT: 3}), "vocab.json: expected <|endoftext|> with an id"),
 ], ids=["three-tokens", "a-tab", "not-utf8", "no-vocab", "bad-json", "string-id", "ranks-disagree", "extra-token",
         "eot-among-ranks"])
 def test_a_malformed_tokenizer_file_is_one_line_naming_it(tmp_path, name, content, message):
@@ -138,7 +137,7 @@ def test_a_malformed_tokenizer_file_is_one_line_naming_it(tmp_path, name, conten
     else:
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content, encoding="utf-8")
     with pytest.raises(UserError) as excinfo:
-        bpe.get_tokenizer(directory)
+        data.get_tokenizer(directory)
     assert str(excinfo.value).startswith(str(path)) and message in str(excinfo.value)
     assert "\n" not in str(excinfo.value)
 

@@ -10,7 +10,6 @@ import re
 import pytest
 import torch
 
-import bpe
 import data
 import plots
 import train_dpo
@@ -243,7 +242,7 @@ def test_tiny_run_learns_its_training_pairs_and_writes_report_and_plots(files, t
     config = tiny_config(files, tmp_path)
     rows = data.mark_contested(data.load_pref_jsonl(files["pairs"]))
     sft_model, tokenizer_name, sft_config = train_dpo.load_sft(config)
-    tokenizer = bpe.get_tokenizer(tokenizer_name)
+    tokenizer = data.get_tokenizer(tokenizer_name)
     reference_logps = train_dpo.reference_logprobs(sft_model, sft_config, config, dict(
         train=data.encode_pref(rows, tokenizer, 64)), tokenizer.eot_token)['train']
 
@@ -288,7 +287,7 @@ def test_tiny_run_learns_its_training_pairs_and_writes_report_and_plots(files, t
 def test_the_reference_mixes_the_sft_members_and_the_base_in_log_space(files, tmp_path):
     """log pi_ref = (1 - k) log pi_sft_m + k log pi_base, against the two references scored one by one."""
     model, tokenizer_name, sft_config = train_dpo.load_sft(tiny_config(files, tmp_path))
-    tokenizer = bpe.get_tokenizer(tokenizer_name)
+    tokenizer = data.get_tokenizer(tokenizer_name)
     encoded = data.encode_pref(pair_rows(), tokenizer, 64)
     alone = {kind: score_pairs(train_dpo.load_reference(model, sft_config, tiny_config(files, tmp_path), kind), encoded,
                                tokenizer.eot_token, 8) for kind in ("sft", "base")}   # (2, N) and (1, N) each
@@ -310,7 +309,7 @@ def test_the_reference_mixes_the_sft_members_and_the_base_in_log_space(files, tm
 def test_reference_is_frozen_and_receives_no_gradient(files, tmp_path, reference):
     config = tiny_config(files, tmp_path, reference=reference)
     model, tokenizer_name, sft_config = train_dpo.load_sft(config)
-    tokenizer = bpe.get_tokenizer(tokenizer_name)
+    tokenizer = data.get_tokenizer(tokenizer_name)
     reference_model = train_dpo.load_reference(model, sft_config, config, reference)
     before = {name: t.clone() for name, t in reference_model.state_dict().items()}
     encoded = data.encode_pref(pair_rows(), tokenizer, 64)
@@ -427,7 +426,7 @@ def test_an_sft_run_on_another_base_is_refused(files, tmp_path):
 def test_pair_likelihoods_average_each_members_chosen_and_rejected_log_likelihood(files, tmp_path):
     config = tiny_config(files, tmp_path)
     model, tokenizer_name, _ = train_dpo.load_sft(config)
-    tokenizer = bpe.get_tokenizer(tokenizer_name)
+    tokenizer = data.get_tokenizer(tokenizer_name)
     encoded = data.encode_pref(pair_rows(), tokenizer, 64)
     got = train_dpo.pair_likelihoods(model, encoded, tokenizer.eot_token, config)
     model.eval()
@@ -442,7 +441,7 @@ def test_answer_accuracy_against_answers_decoded_one_prompt_at_a_time(files, tmp
     config = tiny_config(files, tmp_path)
     model, tokenizer_name, _ = train_dpo.load_sft(config)
     model.eval()
-    tokenizer, eot = bpe.get_tokenizer(tokenizer_name), bpe.get_tokenizer(tokenizer_name).eot_token
+    tokenizer, eot = data.get_tokenizer(tokenizer_name), data.get_tokenizer(tokenizer_name).eot_token
     prompts = [f"Q: Tell me a word, number {k}.\nA:" for k in range(5)]     # not the benchmark's: rows judge alone
 
     def alone(prompt, mixture):
@@ -466,7 +465,7 @@ def test_the_log_warns_when_greedy_accuracy_falls_below_the_sft_runs(monkeypatch
     monkeypatch.setattr(train_dpo, "pair_likelihoods", lambda *args: dict(logp_chosen=[-20.0], logp_rejected=[-40.0]))
     monkeypatch.setattr(train_dpo, "answer_accuracy", lambda *args: dict(
         answer_accuracy=dict(consistent=0.76, conflicting=0.25), best_member_accuracy=dict(consistent=0.8, conflicting=0.3)))
-    train_dpo.watch_generations(None, bpe.get_tokenizer(), [], [], dict(max_new_tokens=4, batch_size=4), history, 75)
+    train_dpo.watch_generations(None, data.get_tokenizer(), [], [], dict(max_new_tokens=4, batch_size=4), history, 75)
     out = capsys.readouterr().out
     assert "chosen -20.0 (SFT -5.0), rejected -40.0 (SFT -9.0)" in out
     assert "consistent 0.76 (SFT 0.80; best member 0.80)" in out                 # within 0.05: no warning for it
@@ -491,7 +490,7 @@ def test_replay_loss_is_the_sft_runs_renyi_loss_on_its_rows_scored_one_token_at_
     config = tiny_config(files, tmp_path, batch_size=3)
     model, tokenizer_name, sft_config = train_dpo.load_sft(config)
     model.eval()
-    tokenizer = bpe.get_tokenizer(tokenizer_name)
+    tokenizer = data.get_tokenizer(tokenizer_name)
     sft_set = data.encode_sft(data.sft_rows_of(sft_config)[0], tokenizer, model.config.block_size)
     got = train_dpo.replay_loss(model, sft_set, tokenizer.eot_token, sft_config, config, it=5)
     columns = []
@@ -519,7 +518,7 @@ def test_replay_holds_the_sft_rows_that_pairs_on_other_prompts_pull_away(files, 
         sft_logp[replay] = score_rows(model, tokenizer, sft_rows, 8)['logp'].mean().item()
     start_model, tokenizer_name, sft_config = train_dpo.load_sft(config)
     start_model.eval()
-    start = score_rows(start_model, bpe.get_tokenizer(tokenizer_name), data.sft_rows_of(sft_config)[0], 8)
+    start = score_rows(start_model, data.get_tokenizer(tokenizer_name), data.sft_rows_of(sft_config)[0], 8)
     start = start['logp'].mean().item()
     assert sft_logp[0.0] < start - 1.0                      # the new pairs pull the SFT answers away...
     assert abs(sft_logp[1.0] - start) < 0.5 * abs(sft_logp[0.0] - start)    # ...the replay holds them

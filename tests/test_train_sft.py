@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 
-import bpe
 import data
 import plots
 import train_sft
+from config import UserError
 from trainer import load_base
 from evaluate import score_rows
 from lora import add_lora, lora_state_dict
@@ -59,22 +59,23 @@ def files(tmp_path_factory, tiny_base):
     checkpoint = torch.load(tiny_base, weights_only=True)
     checkpoint["config"]["dropout"] = 0.1  # the same weights, but training now draws random numbers
     torch.save(checkpoint, root / "base_dropout.pt")
-    paths = dict(base=tiny_base, base_dropout=str(root / "base_dropout.pt"), ood=str(root / "ood.jsonl"))
+    paths = dict(base=tiny_base, base_dropout=str(root / "base_dropout.pt"))
+    ood_rows = [dict(prompt=f"Q: {q}\nA:", response=r, kind="ood") for q, r in OOD]
     for name, with_groups in (("grouped", True), ("plain", False)):
         rows = user_rows(with_groups)
         paths[name] = str(root / f"{name}.jsonl")
         data.write_jsonl(rows, paths[name])
         # half the prompts held out, so that both kinds of prompt are among them
-        for part, part_rows in zip(("train", "val"), data.split_by_prompt(rows, 0.5, seed=0)):
+        train_rows, val_rows = data.split_by_prompt(rows, 0.5, seed=0)
+        for part, part_rows in (("train", train_rows), ("val", val_rows + (ood_rows if with_groups else []))):
             paths[f"{name}_{part}"] = str(root / f"{name}_{part}.jsonl")
             data.write_jsonl(part_rows, paths[f"{name}_{part}"])
-    data.write_jsonl([dict(prompt=f"Q: {q}\nA:", response=r) for q, r in OOD], paths["ood"])
     return paths
 
 
 def tiny_config(files, out_dir, **overrides):
     return train_sft.defaults | dict(
-        base=files["base"], data=files["grouped_train"], val_data=files["grouped_val"], ood_data=files["ood"],
+        base=files["base"], data=files["grouped_train"], val_data=files["grouped_val"],
         out_dir=str(out_dir), n_members=2, lora_rank=4, max_iters=20, alpha_hold_iters=5, alpha_ramp_iters=10,
         batch_size=8, learning_rate=1e-2, warmup_iters=2, log_interval=5, eval_interval=10, max_new_tokens=4, seed=0,
         device="cpu") | overrides
@@ -93,12 +94,22 @@ def training_set_loss(model, tokenizer, rows, config):
 # the held-out split and conflict marking of --data
 
 def test_held_out_split_keeps_each_prompt_on_one_side_and_marks_conflicts(files):
-    train_rows, val_rows, test_rows, ood_rows = data.load_sft_rows(files["grouped"], "", files["ood"], 0.5, seed=0)
-    assert test_rows is val_rows and len(ood_rows) == len(OOD)
+    train_rows, val_rows, test_rows, ood_rows = data.load_sft_rows(files["grouped"], "", 0.5, seed=0)
+    assert test_rows is val_rows and ood_rows == []
     assert len(train_rows) + len(val_rows) == len(user_rows(with_groups=True))
     train_prompts, held_out_prompts = {r["prompt"] for r in train_rows}, {r["prompt"] for r in val_rows}
     assert not train_prompts & held_out_prompts
     assert len(held_out_prompts) == round(0.5 * (len(CONSISTENT) + len(CONFLICTING)))
+
+
+def test_held_out_rows_of_kind_ood_are_the_ood_prompts_and_never_train(files, tmp_path):
+    train_rows, val_rows, test_rows, ood_rows = data.load_sft_rows(files["grouped_train"], files["grouped_val"])
+    assert [(r["prompt"], r["response"]) for r in ood_rows] == [(f"Q: {q}\nA:", r) for q, r in OOD]
+    assert all(r["kind"] != "ood" for r in train_rows + test_rows)
+    data.write_jsonl([dict(prompt="Q: a\nA:", response=" b"), dict(prompt="Q: c\nA:", response=" d", kind="ood")],
+                     tmp_path / "train.jsonl")
+    with pytest.raises(UserError, match=r"train.jsonl:2: a training row of kind 'ood'"):
+        data.load_sft_rows(str(tmp_path / "train.jsonl"), files["grouped_val"])
     conflicting_prompts = {f"Q: {q}\nA:" for q, _, _ in CONFLICTING}
     for row in train_rows + val_rows:
         # consistent prompts appear twice with the same response: repetition is not conflict
@@ -120,7 +131,7 @@ def test_tiny_run_lowers_the_loss_and_writes_report_and_plots(files, tmp_path):
     config = tiny_config(files, tmp_path)
     train_rows = load_rows(config)[0]
     base, tokenizer_name = load_base(config['base'], config['device'])
-    tokenizer = bpe.get_tokenizer(tokenizer_name)
+    tokenizer = data.get_tokenizer(tokenizer_name)
     add_lora(base, config["n_members"], config["lora_rank"], config["lora_alpha"])  # B = 0: every member is the base
     loss_before = training_set_loss(base, tokenizer, train_rows, config)
 
@@ -179,7 +190,7 @@ def test_ctrl_c_checkpoints_the_step_and_resume_continues_exactly(files, tmp_pat
     Dropout in the base makes the continuation depend on the saved RNG state as well.
     """
     n = 4
-    common = dict(base=files["base_dropout"], data=files["plain_train"], val_data=files["plain_val"], ood_data="",
+    common = dict(base=files["base_dropout"], data=files["plain_train"], val_data=files["plain_val"],
                   max_iters=2 * n, eval_interval=n,
                   log_interval=n, alpha_hold_iters=0, alpha_ramp_iters=0)   # alpha 2 at once: the routing sums differ
     straight, _, report, _ = train_sft.train(tiny_config(files, tmp_path / "straight", **common))
@@ -250,7 +261,7 @@ def test_validation_runs_without_dropout_and_leaves_the_model_training(files, tm
     add_lora(model, config["n_members"], config["lora_rank"], config["lora_alpha"])
     val_rows, history = load_rows(config)[1], dict(val_iter=[], val_nll=[])
     for it in (1, 2):
-        train_sft.validate_and_log(model, bpe.get_tokenizer(tokenizer_name), val_rows, config, history, it)
+        train_sft.validate_and_log(model, data.get_tokenizer(tokenizer_name), val_rows, config, history, it)
     assert history["val_nll"][0] == history["val_nll"][1]
     assert model.training
 
