@@ -60,6 +60,7 @@ def test_distinct_answers_and_disagreement_by_hand():
     mean_q = [sum(row[i] for row in q) / 3 for i in range(2)]
     assert disagreement(texts, p.log()) == pytest.approx(entropy(mean_q) - sum(map(entropy, q)) / 3, rel=1e-6)
     assert disagreement([" a"] * 3, p.log()) == 0.0                     # one answer: nothing to disagree on
+    assert f"{disagreement([' a'] * 3, p.log()):.3f}" == "0.000"         # not -0.000 (H of one answer is -0.0)
     sure = torch.tensor([[1.0, 1e-9], [1e-9, 1.0]]).log()               # each sure of its own, ruling out the other
     assert disagreement([" a", " b"], sure) == pytest.approx(math.log(2), rel=1e-6)
 
