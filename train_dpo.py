@@ -51,7 +51,7 @@ defaults = dict(
     # the objective; n_members and the LoRA shape come from the SFT run
     alpha=3.0,              # only alpha > 1 splits a contested pair and its swap (flat in the members' spread at 1)
     alpha_ramp_iters=0,     # raise alpha linearly from 0 over these first iters (0: no ramp), see renyi_lora.alpha_at
-    beta=0.1,               # inverse temperature of the implied reward beta * log(pi / pi_ref)
+    beta=0.3,               # inverse temperature of the implied reward beta * log(pi / pi_ref); larger: closer to pi_ref
     label_smoothing=0.0,    # conservative DPO: the share of preference labels assumed flipped
     sft_weight=1.0,         # gamma: each member also learns the chosen responses of the pairs routed to it (per-token
                             # NLL, renyi_lora.dpo_logp), so margins do not grow by pushing the answers down; 0: off
@@ -269,7 +269,7 @@ def watch_generations(model, tokenizer, encoded, answer_rows, config, history, i
     if fallen:
         print(f"warning: the ensemble's greedy accuracy on {', '.join(fallen)} prompts fell more than "
               f"{ANSWER_TOLERANCE} below the SFT run's: DPO is trading the answers for its margins (raise --sft_replay "
-              "or --sft_weight, or lower --learning_rate or --beta)")
+              "or --sft_weight or --beta, or lower --learning_rate)")
 
 
 def print_report(report, margins_by_group):
