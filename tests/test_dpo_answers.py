@@ -66,6 +66,20 @@ def test_the_log_warns_when_greedy_accuracy_falls_below_the_sft_runs(monkeypatch
         consistent=0.76, conflicting=0.25), best_member_accuracy=dict(consistent=0.8, conflicting=0.3))]
 
 
+@pytest.mark.parametrize("lost, warned", [(1, False), (2, True)])
+def test_losing_one_prompt_of_a_small_kind_is_not_warned_about(monkeypatch, capsys, lost, warned):
+    """12 high-entropy prompts: one answer lost is 0.083, past 0.05 but within one prompt; two are warned about."""
+    rows = [dict(prompt=f"Q: Name a colour {i}.\nA:", response=" red", kind="high_entropy") for i in range(12)]
+    history = dict(generations=[], sft_start=dict(val=dict(logp_chosen=[-5.0], logp_rejected=[-9.0]),
+                                                  answers=dict(answer_accuracy=dict(high_entropy=6 / 12),
+                                                               best_member_accuracy=dict(high_entropy=6 / 12))))
+    monkeypatch.setattr(train_dpo, "pair_likelihoods", lambda *args: dict(logp_chosen=[-5.0], logp_rejected=[-9.0]))
+    monkeypatch.setattr(train_dpo, "answer_accuracy", lambda *args: dict(
+        answer_accuracy=dict(high_entropy=(6 - lost) / 12), best_member_accuracy=dict(high_entropy=6 / 12)))
+    train_dpo.watch_generations(None, data.get_tokenizer(), [], rows, dict(max_new_tokens=4, batch_size=4), history, 75)
+    assert ("warning: the ensemble's greedy accuracy on high_entropy" in capsys.readouterr().out) == warned
+
+
 # ---------------------------------------------------------------------------
 # replaying the SFT rows
 
