@@ -1,7 +1,6 @@
 """
-What the models read: the tokenizers (byte-level BPE as tiktoken runs it), JSONL loading and checking of SFT
-rows and preference pairs (a user's own or the benchmark's, see benchmark.py), held-out splits, and padded,
-label-masked batches of token ids.
+What the models read: the tokenizers (byte-level BPE as tiktoken runs it), a user's or the benchmark's SFT rows
+and preference pairs (JSONL, checked), held-out splits, and padded, label-masked batches of token ids.
 """
 import base64
 import functools
@@ -16,9 +15,8 @@ import benchmark
 from config import UserError
 
 # -----------------------------------------------------------------------------
-# tokenizers: the ranks this project ships (renyi_bpe.tiktoken, learned by `python pretrain.py
-# --train_tokenizer=true`), tiktoken's own 'gpt2', or the tokenizer files of a Hugging Face GPT-2 directory
-# (vocab.json and merges.txt), read and checked here so that nothing is downloaded
+# tokenizers: the ranks shipped in renyi_bpe.tiktoken (`python pretrain.py --train_tokenizer=true`), tiktoken's
+# 'gpt2', or a Hugging Face GPT-2 directory's vocab.json and merges.txt, read here so nothing is downloaded
 
 DEFAULT_TOKENIZER = "renyi-bpe"
 RANKS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "renyi_bpe.tiktoken")
@@ -196,11 +194,13 @@ def check_text(obj, key, where, required):
 def check_uncertainty(obj, where):
     """obj["uncertainty"] must be absent/null or a number in [0, 1]."""
     value = obj.get("uncertainty")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{where}: field 'uncertainty' must be a number, got {type(value).__name__}")
-    if value is not None and not 0.0 <= value <= 1.0:
+    if not 0.0 <= value <= 1.0:
         raise UserError(f"{where}: field 'uncertainty' is {value}, outside [0, 1]")
-    return None if value is None else float(value)
+    return float(value)
 
 
 def check_choice(obj, key, where, choices):
@@ -358,9 +358,9 @@ def encode_sft(rows, tokenizer, block_size, truncate=False):
             for i, row in enumerate(rows)]
 
 
-def encode_pref(rows, tokenizer, block_size, truncate=False):
+def encode_pref(rows, tokenizer, block_size):
     """Encode preference rows as a list of ((chosen ids, n_prompt), (rejected ids, n_prompt))."""
-    return [tuple(encode_pair(tokenizer, row["prompt"], row[key], block_size, truncate, row.get("source", f"row {i}"))
+    return [tuple(encode_pair(tokenizer, row["prompt"], row[key], block_size, False, row.get("source", f"row {i}"))
                   for key in ("chosen", "rejected")) for i, row in enumerate(rows)]
 
 

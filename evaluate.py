@@ -297,7 +297,8 @@ def disagreement(texts, answer_logp):
     when each member is sure of its own answer and rules out the others' (METHOD.md §6).
     """
     columns = list(first_members(texts).values())
-    return mutual_information(torch.softmax(answer_logp[:, columns].double(), dim=-1)).item() + 0.0   # no -0.0
+    mi = mutual_information(torch.softmax(answer_logp[:, columns].double(), dim=-1)).item()
+    return mi + 0.0     # one shared answer gives -0.0 (entropy -1 * log 1), printed '-0.000'; + 0.0 makes it 0.0
 
 
 @torch.no_grad()
