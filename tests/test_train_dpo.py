@@ -1,7 +1,7 @@
 """Tests for the DPO losses of renyi_lora.py and for train_dpo.py on a tiny base GPT (n_layer=2, n_embd=32):
 dpo_loss against numbers worked out by hand, the M=1 Rényi DPO loss against dpo_loss, each member's
-gradient against its responsibility times its own DPO gradient, a reference that never learns, a tiny
-end-to-end run and clear errors for malformed pair files."""
+gradient against its responsibility times its own DPO gradient, a reference that never learns and a tiny
+end-to-end run (bad inputs: test_dpo_inputs.py; what DPO does to the answers: test_dpo_answers.py)."""
 import json
 import math
 import os
@@ -22,7 +22,6 @@ from train_dpo import (pair_logprobs, pair_preference_variance, preference_varia
                        score_pairs)
 from renyi_lora import dpo_logp, dpo_loss, renyi_loss, responsibilities
 from report import answer_accuracy as report_answer_accuracy
-from trainer import base_fingerprint
 
 # ---------------------------------------------------------------------------
 # dpo_loss and dpo_logp
@@ -371,49 +370,3 @@ def test_contested_pairs_are_found_from_the_data_alone():
             dict(prompt="q", chosen=" A", rejected=" b"), dict(prompt="p", chosen=" A", rejected=" c")]
     assert [r["kind"] for r in data.mark_contested(rows)] == ["contested", "contested", "consensus", "consensus"]
     assert [report_group(r | dict(group="g")) for r in rows] == ["contested/g"] * 2 + ["consensus"] * 2
-
-
-# ---------------------------------------------------------------------------
-# bad inputs fail at once, naming the file and line
-
-@pytest.mark.parametrize("line, message", [
-    ('{"prompt": "Q: x\\nA:", "chosen": " y"}', "missing required field 'rejected'"),
-    ('{"prompt": "Q: x\\nA:", "chosen": " y", "rejected": " y"}', "'chosen' and 'rejected' are identical"),
-    ('{"prompt": "Q: x\\nA:", "chosen": " y", "rejected": 3}', "field 'rejected' must be a string, got int"),
-    ('{"prompt": "Q: x\\nA:", "chosen": " y", "rejected": " z"', "invalid JSON"),
-])
-def test_malformed_pair_file_fails_with_file_and_line(tmp_path, line, message):
-    path = tmp_path / "pairs.jsonl"
-    good = json.dumps(dict(prompt="Q: a\nA:", chosen=" b", rejected=" c"))
-    path.write_text(f"{good}\n\n{line}\n", encoding="utf-8")
-    out_dir = tmp_path / "never"
-    with pytest.raises(ValueError, match=re.escape(f"{path}:3: ") + ".*" + re.escape(message)):
-        train_dpo.main([f"--data={path}", f"--out_dir={out_dir}", f"--sft_dir={tmp_path / 'no_sft'}", "--device=cpu"])
-    assert not out_dir.exists() and not (tmp_path / "no_sft").exists()   # failed before training anything
-
-
-@pytest.mark.parametrize("arg, message", [("--reference=policy", "reference must be 'sft', 'base' or a number in [0, 1]"),
-                                          ("--reference=1.5", "got '1.5'"), ("--reference=nan", "got 'nan'"),
-                                          ("--alpha=-1", "alpha must be a finite number >= 0"),
-                                          ("--beta=high", "--beta=high: expected float"),
-                                          ("--sft_weight=-1", "--sft_weight=-1.0: must be >= 0"),
-                                          ("--sft_replay=-1", "--sft_replay=-1.0: must be >= 0")])
-def test_bad_settings_fail_before_training(tmp_path, arg, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
-        train_dpo.main([arg, f"--out_dir={tmp_path / 'never'}", f"--sft_dir={tmp_path / 'no_sft'}"])
-    assert not (tmp_path / "never").exists() and not (tmp_path / "no_sft").exists()
-
-
-def test_an_sft_run_on_another_base_is_refused(files, tmp_path):
-    """Adapters only fit the base they were trained on: a re-pretrained base must not pass silently."""
-    ckpt = torch.load(os.path.join(files["sft_dir"], "ckpt.pt"), weights_only=False)
-    base = torch.load(ckpt["config"]["base"], weights_only=True)
-    base["model"]["transformer.ln_f.weight"] = base["model"]["transformer.ln_f.weight"] + 1e-3   # another base
-    torch.save(base, tmp_path / "other_base.pt")
-    ckpt["config"] = ckpt["config"] | dict(base=str(tmp_path / "other_base.pt"))
-    os.makedirs(tmp_path / "sft")
-    torch.save(ckpt, tmp_path / "sft" / "ckpt.pt")
-    with pytest.raises(ValueError, match="trained on another base model"):
-        train_dpo.load_sft(tiny_config(files, tmp_path / "dpo", sft_dir=str(tmp_path / "sft")))
-    model, _, _ = train_dpo.load_sft(tiny_config(files, tmp_path / "dpo", sft_dir=files["sft_dir"]))   # its own base
-    assert base_fingerprint(model) == ckpt["base_fingerprint"]
