@@ -1,12 +1,17 @@
 """What DPO does to the answers, on the tiny SFT run of test_train_dpo.py: the read-outs of the log and the
 report (each member's pair log-likelihoods, the greedy answers' accuracy) against slow loops, and the replay
-of the SFT rows (sft_replay) against the SFT run's loss scored one token at a time."""
+of the SFT rows (sft_replay) against the SFT run's loss scored one token at a time, beside the KL replays of
+experiments/replay_kl.py."""
+import copy
+
 import pytest
 import torch
 
 import data
 import train_dpo
 from evaluate import score_rows
+from experiments import replay_kl
+from lora import lora_parameters
 from renyi_lora import renyi_loss
 from report import answer_accuracy as report_answer_accuracy
 from test_train_dpo import files, pair_rows, tiny_config  # noqa: F401 (files is a fixture)
@@ -128,3 +133,36 @@ def test_replay_holds_the_sft_rows_that_pairs_on_other_prompts_pull_away(files, 
     start = start['logp'].mean().item()
     assert sft_logp[0.0] < start - 1.0                      # the new pairs pull the SFT answers away...
     assert abs(sft_logp[1.0] - start) < 0.5 * abs(sft_logp[0.0] - start)    # ...the replay holds them
+
+
+def test_the_replays_are_the_kl_and_the_sft_loss_summed_one_token_at_a_time(files, tmp_path):
+    config = tiny_config(files, tmp_path, batch_size=3)
+    sft_model, tokenizer_name, sft_config = train_dpo.load_sft(config)
+    sft_model.eval()
+    model = copy.deepcopy(sft_model)
+    torch.manual_seed(0)
+    with torch.no_grad():                                                 # move the members off their SFT selves
+        for p in lora_parameters(model):
+            p.add_(0.1 * torch.randn_like(p))
+    tokenizer = data.get_tokenizer(tokenizer_name)
+    sft_set = data.encode_sft(data.sft_rows_of(sft_config)[0], tokenizer, model.config.block_size)
+    rows = [sft_set[i] for i in train_dpo.replay_indices(len(sft_set), 3, config['seed'], 5)]
+    assert len({len(ids) for ids, _ in rows}) > 1                         # the batch pads some rows
+    kl, columns = 0.0, []
+    for ids, n_prompt in rows:
+        with torch.no_grad():
+            log_q = model(torch.tensor([ids]))[:, 0].double().log_softmax(-1)          # (M, T, V)
+            log_p = sft_model(torch.tensor([ids]))[:, 0].double().log_softmax(-1)
+        columns.append(sum(log_q[:, t - 1, ids[t]] for t in range(n_prompt, len(ids))))   # the response's log p
+        for m in range(log_q.shape[0]):
+            for t in range(len(ids) - 1):                                 # every token predicted, prompt and response
+                kl += (log_p[m, t].exp() * (log_p[m, t] - log_q[m, t])).sum().item()
+    kl /= log_q.shape[0] * len(rows)
+    sft_loss = renyi_loss(torch.stack(columns, dim=1), sft_config['alpha']).item()     # logp (M, 3)
+    replay = lambda with_sft_loss, policy: replay_kl.replay_with_kl(with_sft_loss)(
+        policy, sft_set, tokenizer.eot_token, sft_config, config, it=5).item()
+    assert replay(False, model) == pytest.approx(kl, rel=1e-4) and kl > 0.01
+    assert replay(True, model) == pytest.approx(kl + sft_loss, rel=1e-5)
+    assert replay(False, sft_model) == pytest.approx(0.0, abs=1e-6)      # nothing to hold before DPO moves
+    assert replay(True, model) - replay(False, model) == pytest.approx(
+        train_dpo.replay_loss(model, sft_set, tokenizer.eot_token, sft_config, config, it=5).item(), rel=1e-5)
