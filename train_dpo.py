@@ -264,10 +264,10 @@ def watch_generations(model, tokenizer, encoded, answer_rows, config, history, i
     print("  greedy accuracy on the SFT run's held-out prompts: " + ', '.join(
         f"{kind} {share:.2f} (SFT {start['answer_accuracy'][kind]:.2f}; best member {now['best_member_accuracy'][kind]:.2f})"
         for kind, share in now['answer_accuracy'].items()))
-    prompts = {(row.get('kind', 'consistent'), row['prompt']) for row in answer_rows}   # as answers_by_kind groups them
-    one_prompt = {kind: 1 / sum(k == kind for k, _ in prompts) for kind, _ in prompts}
-    fallen = [kind for kind, share in now['answer_accuracy'].items()    # + 1e-9: so a float's rounding of one prompt
-              if start['answer_accuracy'][kind] - share > max(ANSWER_TOLERANCE, one_prompt.get(kind, 0)) + 1e-9]  # is one
+    prompts = {(row.get('kind', 'consistent'), row['prompt']) for row in answer_rows}   # as answers_by_kind counts
+    allowed = {kind: max(ANSWER_TOLERANCE, 1 / sum(k == kind for k, _ in prompts)) for kind, _ in prompts}
+    fallen = [kind for kind, share in now['answer_accuracy'].items()   # + 1e-9: a fall of one prompt, rounded,
+              if start['answer_accuracy'][kind] - share > allowed.get(kind, ANSWER_TOLERANCE) + 1e-9]  # is one
     if fallen:
         print(f"warning: the ensemble's greedy accuracy on {', '.join(fallen)} prompts fell more than {ANSWER_TOLERANCE} "
               "and more than one prompt below the SFT run's: DPO is trading the answers for its margins (raise "
